@@ -1,0 +1,120 @@
+"""The `mpo-online` command line.
+
+    mpo-online init-model --out DIR [--text-only] [--seed S]     build the embedded tiny policy
+    mpo-online make-tasks --out DIR --n N --seed S               write synthetic train / held-out prompt splits
+    mpo-online sft  --config FILE [key=value ...]                warm start: SFT on the tasks' demonstrations
+    mpo-online eval --model DIR --data DIR [--limit N]           held-out greedy accuracy through vLLM
+    mpo-online serve --model DIR [--port 8000] [--replicas N]    OpenAI-compatible endpoint on Ray Serve + vLLM
+    mpo-online run  --config FILE [key=value ...] [--force] [--keep-serving]   the online MPO loop (jobs/online_mpo.py)
+
+Each subcommand imports its heavy dependencies (torch, vllm, ray) only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _init_model(a: argparse.Namespace) -> None:
+    from mpo_online.tiny_model import build_model_dir
+    out = build_model_dir(a.out, text_only=a.text_only, seed=a.seed)
+    print(json.dumps({"model_dir": str(out), **json.loads((out / "mpo_online_model.json").read_text())}))
+
+
+def _make_tasks(a: argparse.Namespace) -> None:
+    from mpo_online.tasks import write_task_splits
+    info = write_task_splits(a.out, n_train=a.n, n_heldout=a.n_heldout, seed=a.seed,
+                             levels=tuple(a.levels), open_fraction=a.open_fraction)
+    print(json.dumps(info, default=str))
+
+
+def _sft(a: argparse.Namespace) -> None:
+    from mpo_online.config import load_config
+    from mpo_online.warm_start import warm_start_from_config
+    cfg = load_config(a.config, a.overrides)
+    result = warm_start_from_config(cfg, force=a.force)
+    print(json.dumps(result, indent=1, default=str))
+
+
+def _eval(a: argparse.Namespace) -> None:
+    from mpo_online.data import read_prompt_rows
+    from mpo_online.evaluate import evaluate, offline_generator
+    data = Path(a.data)
+    rows = read_prompt_rows(data / "heldout.parquet" if data.is_dir() else data)[: a.limit]
+    result = evaluate(offline_generator(a.model), rows, cot_instruction=a.cot_instruction,
+                      direct_instruction=a.direct_instruction, max_tokens=a.max_tokens)
+    print(json.dumps(result, indent=1))
+
+
+def _serve(a: argparse.Namespace) -> None:
+    from serving.app import serve_main
+    serve_main(a.model, port=a.port, replicas=a.replicas, admin_token=a.admin_token)
+
+
+def _run(a: argparse.Namespace) -> None:
+    import runpy
+    script = Path(__file__).resolve().parent.parent / "jobs" / "online_mpo.py"
+    if not script.exists():
+        sys.exit(f"cannot find the recipe at {script} (run from a checkout of mpo-online)")
+    sys.argv = [str(script), "--config", a.config, *a.overrides] + (["--force"] if a.force else []) \
+        + (["--keep-serving"] if a.keep_serving else [])
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpo-online", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init-model", help="build the embedded tiny policy (a Hugging Face model directory)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--text-only", action="store_true", help="Llama instead of the Idefics3 (SmolVLM) VLM")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_init_model)
+
+    s = sub.add_parser("make-tasks", help="write synthetic visual-reasoning train / held-out splits")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, required=True, help="number of training prompts")
+    s.add_argument("--n-heldout", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--levels", type=int, nargs="+", default=[1, 2])
+    s.add_argument("--open-fraction", type=float, default=0.15)
+    s.set_defaults(func=_make_tasks)
+
+    for name, func, help_ in (("sft", _sft, "warm start: supervised fine-tuning on the demonstrations"),
+                              ("run", _run, "the online MPO loop")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", required=True)
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5")
+        s.add_argument("--force", action="store_true")
+        if name == "run":
+            s.add_argument("--keep-serving", action="store_true")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("eval", help="held-out greedy accuracy of a model directory through vLLM")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", required=True, help="a task directory (uses heldout.parquet) or a prompt file")
+    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--max-tokens", type=int, default=96)
+    s.add_argument("--cot-instruction", default="")
+    s.add_argument("--direct-instruction", default=" Answer directly.")
+    s.set_defaults(func=_eval)
+
+    s = sub.add_parser("serve", help="serve a checkpoint directory (OpenAI-compatible) on Ray Serve + vLLM")
+    s.add_argument("--model", required=True)
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--replicas", type=int, default=1)
+    s.add_argument("--admin-token", default=None)
+    s.set_defaults(func=_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

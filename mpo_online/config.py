@@ -1,0 +1,225 @@
+"""The run configuration: one pydantic tree, loaded from YAML with dotted CLI overrides.
+
+    cfg = load_config("jobs/configs/tiny_cpu.yaml", ["mpo.beta=0.2", "loop.rounds=3"])
+
+Every section forbids unknown keys, and the error names the bad key and the valid ones. Components never receive the
+whole tree: the recipe (jobs/online_mpo.py) and the CLI pass the fields a component needs as plain keyword arguments.
+Paths in the YAML are relative to the current working directory (the repo root for the shipped configs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = "artifacts/tiny_vlm"  # a Hugging Face checkpoint directory (SmolVLM, Qwen2.5-VL, ... or the tiny one)
+    init_if_missing: bool = True  # build the embedded tiny policy at `path` when it does not exist
+    text_only: bool = False  # tiny policy only: Llama instead of Idefics3
+    seed: int = 0  # tiny policy only: weight init seed
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+
+
+class DataConfig(_Section):
+    dir: str = "artifacts/tasks"  # holds train.parquet and heldout.parquet (the prompt schema, mpo_online.data)
+    generate_if_missing: bool = True  # write synthetic tasks to `dir` when it has none
+    n_train: int = Field(2000, gt=0)
+    n_heldout: int = Field(200, gt=0)
+    seed: int = 0
+    levels: list[int] = [1, 2]  # synthetic task difficulty levels
+    max_count: int = Field(5, ge=1)
+    open_fraction: float = Field(0.15, ge=0.0, le=1.0)  # share of no-ground-truth ("Describe the image.") tasks
+    cot_instruction: str = ""  # appended to each question for CoT mode (real models want an explicit instruction)
+    direct_instruction: str = " Answer directly."  # appended for direct-answer mode
+
+
+class RolloutConfig(_Section):
+    prompts_per_round: int = Field(128, gt=0)
+    samples_per_prompt: int = Field(8, gt=0)  # paper: up to 32
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(96, gt=0)
+    seed: int = 0
+
+
+class PairsConfig(_Section):
+    max_pairs_per_prompt: int = Field(15, gt=0)  # paper: 15
+    ntp_prefix_ratio: float = Field(0.5, gt=0.0, lt=1.0)  # Dropout-NTP: share of words kept before the image is dropped
+    dropout_ntp: bool = True
+
+
+class MPOConfig(_Section):
+    objective: Literal["mpo", "dpo", "dpo_sft", "rft"] = "mpo"
+    beta: float = Field(0.1, gt=0.0)
+    w_pref: float = Field(0.8, ge=0.0)
+    w_quality: float = Field(0.2, ge=0.0)
+    w_gen: float = Field(1.0, ge=0.0)
+    delta_mode: Literal["cumulative", "ema"] = "cumulative"  # reference code: cumulative mean of batch-mean rewards
+    delta_ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
+    reference: Literal["initial", "previous"] = "previous"  # frozen reference: warm-start policy or last round's
+
+    def weights(self) -> tuple[float, float, float]:
+        """(w_pref, w_quality, w_gen) the objective implies; `mpo` uses the configured weights."""
+        return {"mpo": (self.w_pref, self.w_quality, self.w_gen), "dpo": (1.0, 0.0, 0.0),
+                "dpo_sft": (1.0, 0.0, 1.0), "rft": (0.0, 0.0, 1.0)}[self.objective]
+
+
+class TrainerConfig(_Section):
+    lr: float = Field(5e-6, gt=0.0)  # paper: 5e-6 for 8B models; the tiny default sets its own
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    epochs: int = Field(1, gt=0)
+    micro_batch_size: int = Field(8, gt=0)  # per worker
+    global_batch_size: int = Field(32, gt=0)  # micro * workers * grad accumulation
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_nonfinite_steps: int = Field(3, ge=0)  # more skipped non-finite steps than this aborts the call
+    logps_chunk_size: int = Field(1024, gt=0)
+    max_length: int = Field(512, gt=0)  # prompt + response tokens
+    seed: int = 0
+
+
+class WarmStartConfig(_Section):
+    enabled: bool = True
+    epochs: int = Field(3, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+    micro_batch_size: int = Field(16, gt=0)
+    global_batch_size: int = Field(32, gt=0)
+    direct_fraction: float = Field(0.25, ge=0.0, le=1.0)  # share of demonstrations in direct-answer mode
+
+
+class ServingConfig(_Section):
+    model_id: str = "policy"  # served model name; responses report `policy@v<version>`
+    replicas: int = Field(1, gt=0)
+    max_model_len: int = Field(512, gt=0)
+    max_num_seqs: int = Field(256, gt=0)
+    kv_cache_gb: float = Field(1.0, gt=0.0)  # VLLM_CPU_KVCACHE_SPACE on CPU
+    enforce_eager: bool = True
+    tensor_parallel_size: int = Field(1, gt=0)
+    device: Literal["cpu", "gpu"] = "cpu"
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    port: int = 8000
+    admin_token: str | None = None  # enables the HTTP admin routes (publish/pause); None: handles only
+    max_image_bytes: int = Field(4_000_000, gt=0)
+    max_prompt_chars: int = Field(8_000, gt=0)
+
+
+class LoopConfig(_Section):
+    run_dir: str = "runs/tiny_cpu"
+    rounds: int = Field(5, ge=0)
+    eval_every: int = Field(1, gt=0)
+    keep_serving: bool = False
+    seed: int = 0
+
+
+class ResourcesConfig(_Section):
+    num_cpus: float | None = None  # logical CPUs for a local Ray (None: Ray's count)
+    num_gpus: float | None = None
+    serve_replica_cpus: float = Field(1.0, ge=0.0)
+    serve_replica_gpus: float = Field(0.0, ge=0.0)
+    train_workers: int = Field(2, gt=0)
+    train_worker_cpus: float = Field(1.0, ge=0.0)
+    train_worker_gpus: float = Field(0.0, ge=0.0)
+    data_cpus: float = Field(0.25, ge=0.0)  # per Ray Data task (verify, pair building)
+
+
+class RunConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    pairs: PairsConfig = PairsConfig()
+    mpo: MPOConfig = MPOConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    warm_start: WarmStartConfig = WarmStartConfig()
+    serving: ServingConfig = ServingConfig()
+    loop: LoopConfig = LoopConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        t = self.trainer
+        per_step = t.micro_batch_size * self.resources.train_workers
+        if t.global_batch_size % per_step:
+            raise ValueError(f"trainer.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                             f"micro_batch_size x resources.train_workers ({per_step})")
+        return self
+
+    def hash(self) -> str:
+        """A stable hash of the settings that define a run (used to refuse resuming a different run)."""
+        data = self.model_dump(mode="json")
+        data["loop"].pop("keep_serving", None)  # serving after the last round does not change the run
+        data["loop"].pop("rounds", None)  # extending a run with more rounds is allowed
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the key and what is allowed."""
+
+
+def _valid_keys(model: type[BaseModel], dotted: tuple) -> list[str]:
+    for part in dotted[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(x) for x in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'; valid keys here: {', '.join(_valid_keys(RunConfig, loc))}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, bools, lists, null)."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form key.path=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Read a YAML file (or defaults when `path` is None), apply dotted overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+    for ov in overrides:
+        apply_override(data, ov)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,186 @@
+"""Typed records passed between stages, and their one conversion to and from Arrow.
+
+Stages: prompts (mpo_online.data.PROMPT_SCHEMA) -> `Rollout` (one sampled response, verified) -> `PreferencePair`
+(what the trainer consumes) -> `RoundManifest` (what a round did, for resume). Pairs are stored in the layout TRL's
+DPOTrainer reads: conversational `prompt` / `chosen` / `rejected` message lists and an `images` column in the
+Hugging Face `Image` feature layout ({bytes, path}), plus metadata columns. SFT examples (warm start, RFT baseline)
+use the same schema with an empty `rejected`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+PAIR_KINDS = ("correctness", "dropout_ntp", "sft")
+
+
+@dataclass
+class Rollout:
+    """One sampled response to one prompt."""
+    prompt_id: str
+    round: int
+    policy_version: int
+    sample_index: int
+    text: str
+    n_tokens: int
+    finish_reason: str
+    final_answer: str | None = None  # mpo_online.verify.extract_final_answer(text)
+    correct: bool | None = None  # None: no ground truth
+
+
+@dataclass
+class PreferencePair:
+    """A chosen/rejected pair (or an SFT example when `rejected` is None) with where it came from."""
+    pair_id: str
+    prompt_id: str
+    kind: str  # one of PAIR_KINDS
+    question: str
+    images: list[bytes]
+    chosen: str
+    rejected: str | None
+    round: int = 0
+    policy_version: int = 0
+    gold_answer: str | None = None
+    chosen_answer: str | None = None
+    rejected_answer: str | None = None
+    chosen_correct: bool | None = None
+    rejected_correct: bool | None = None
+    ntp_prefix: str | None = None  # Dropout-NTP: the kept prefix the rejected continuation starts from
+
+    @staticmethod
+    def make_id(prompt_id: str, kind: str, chosen: str, rejected: str | None) -> str:
+        """Content hash: the same pair always gets the same id (dedup across resumes)."""
+        h = hashlib.sha256(json.dumps([prompt_id, kind, chosen, rejected]).encode()).hexdigest()
+        return h[:20]
+
+
+@dataclass
+class RoundManifest:
+    """What a round has done; written atomically after every phase so a killed run resumes where it stopped."""
+    round: int
+    phase: str  # "started" | "pairs" | "trained" | "swapped" | "evaluated" | "done"
+    policy_version: int  # the version that sampled this round's rollouts
+    seeds: dict = field(default_factory=dict)
+    delta: dict = field(default_factory=dict)  # the MPO reward baseline state after training
+    files: dict = field(default_factory=dict)  # relative path -> sha256
+    stats: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RoundManifest":
+        data = json.loads(text)
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+# --- conversational messages (TRL / OpenAI layout) ----------------------------------------------------------------
+
+def user_message(question: str, n_images: int) -> list[dict]:
+    """The prompt as one user turn: image placeholders first, then the text (the order SmolVLM/Idefics3 use)."""
+    parts = [{"type": "image", "text": None} for _ in range(n_images)]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": question}]}]
+
+
+def assistant_message(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def message_text(messages: list[dict]) -> str:
+    """Concatenated text parts of a message list (images dropped)."""
+    out = []
+    for m in messages or []:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append(content)
+        else:
+            out.extend(p.get("text") or "" for p in content if p.get("type") == "text")
+    return "".join(out)
+
+
+# --- Arrow ---------------------------------------------------------------------------------------------------------
+
+def _schemas():
+    import pyarrow as pa
+    part = pa.struct([("type", pa.string()), ("text", pa.string())])
+    messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.list_(part))]))
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pair = pa.schema([
+        ("pair_id", pa.string()), ("prompt_id", pa.string()), ("kind", pa.string()),
+        ("prompt", messages), ("chosen", messages), ("rejected", messages), ("images", pa.list_(image)),
+        ("round", pa.int32()), ("policy_version", pa.int32()), ("gold_answer", pa.string()),
+        ("chosen_answer", pa.string()), ("rejected_answer", pa.string()),
+        ("chosen_correct", pa.bool_()), ("rejected_correct", pa.bool_()), ("ntp_prefix", pa.string()),
+    ])
+    # Tell `datasets` that `images` is a list of Image features, so it decodes them to PIL like any HF image dataset.
+    hf = {"info": {"features": {
+        "images": {"feature": {"_type": "Image"}, "_type": "Sequence"},
+    }}}
+    return pair.with_metadata({"huggingface": json.dumps(hf)})
+
+
+def pair_schema():
+    return _schemas()
+
+
+def pair_to_row(p: PreferencePair) -> dict:
+    return {
+        "pair_id": p.pair_id, "prompt_id": p.prompt_id, "kind": p.kind,
+        "prompt": user_message(p.question, len(p.images)),
+        "chosen": assistant_message(p.chosen),
+        "rejected": assistant_message(p.rejected) if p.rejected is not None else [],
+        "images": [{"bytes": b, "path": None} for b in p.images],
+        "round": p.round, "policy_version": p.policy_version, "gold_answer": p.gold_answer,
+        "chosen_answer": p.chosen_answer, "rejected_answer": p.rejected_answer,
+        "chosen_correct": p.chosen_correct, "rejected_correct": p.rejected_correct, "ntp_prefix": p.ntp_prefix,
+    }
+
+
+def row_to_pair(row: dict) -> PreferencePair:
+    rejected = row.get("rejected")
+    return PreferencePair(
+        pair_id=row["pair_id"], prompt_id=row["prompt_id"], kind=row["kind"],
+        question=message_text(row["prompt"]), images=[im["bytes"] for im in row.get("images") or []],
+        chosen=message_text(row["chosen"]), rejected=message_text(rejected) if len(rejected or []) else None,
+        round=int(row.get("round") or 0), policy_version=int(row.get("policy_version") or 0),
+        gold_answer=row.get("gold_answer"), chosen_answer=row.get("chosen_answer"),
+        rejected_answer=row.get("rejected_answer"), chosen_correct=row.get("chosen_correct"),
+        rejected_correct=row.get("rejected_correct"), ntp_prefix=row.get("ntp_prefix"),
+    )
+
+
+def pairs_to_table(pairs: list[PreferencePair]):
+    import pyarrow as pa
+    return pa.Table.from_pylist([pair_to_row(p) for p in pairs], schema=pair_schema())
+
+
+def table_to_pairs(table) -> list[PreferencePair]:
+    return [row_to_pair(r) for r in table.to_pylist()]
+
+
+def write_parquet_atomic(table, path) -> str:
+    """Write `table` to `path` via a temp file + rename (a killed write never looks whole). Returns the sha256."""
+    import os
+
+    import pyarrow.parquet as pq
+    tmp = f"{path}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    os.replace(tmp, path)
+    return digest
+
+
+def openai_messages(question: str, images: list[bytes], *, with_images: bool = True) -> list[dict]:
+    """The prompt as OpenAI chat messages (images as PNG data URLs), the form vLLM's `chat` and the Serve app accept."""
+    import base64
+    parts = []
+    if with_images:
+        for img in images:
+            kind = "jpeg" if img[:3] == b"\xff\xd8\xff" else "png"
+            url = f"data:image/{kind};base64," + base64.b64encode(img).decode()
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+    return [{"role": "user", "content": parts + [{"type": "text", "text": question}]}]
