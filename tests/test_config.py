@@ -1,0 +1,75 @@
+"""Config tree: every shipped YAML validates; overrides, unknown keys and bad values give clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from mpo_online.config import ConfigError, RunConfig, dump_config, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_configs_directory_is_not_empty():
+    assert {p.name for p in CONFIGS} >= {"tiny_cpu.yaml", "gpu_multinode.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    # round trip: dumping and reloading gives the same tree and hash
+    out = path.parent.parent.parent / ".pytest_cache" / f"roundtrip_{path.name}"
+    out.parent.mkdir(exist_ok=True)
+    dump_config(cfg, out)
+    assert load_config(out) == cfg and load_config(out).hash() == cfg.hash()
+
+
+def test_tiny_default_fits_two_cores_and_uses_paper_mpo_weights():
+    cfg = load_config(CONFIGS[[p.name for p in CONFIGS].index("tiny_cpu.yaml")])
+    assert (cfg.mpo.w_pref, cfg.mpo.w_quality, cfg.mpo.w_gen, cfg.mpo.beta) == (0.8, 0.2, 1.0, 0.1)
+    assert cfg.serving.device == "cpu" and cfg.resources.train_worker_gpus == 0
+
+
+def test_dotted_overrides_are_parsed_as_yaml():
+    cfg = load_config(None, ["mpo.beta=0.2", "loop.rounds=3", "data.levels=[1, 2, 3]", "serving.admin_token=null"])
+    assert cfg.mpo.beta == 0.2 and cfg.loop.rounds == 3 and cfg.data.levels == [1, 2, 3]
+    assert cfg.serving.admin_token is None
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["mpo.bta=0.2"])
+    msg = str(err.value)
+    assert "unknown key 'mpo.bta'" in msg and "beta" in msg and "w_quality" in msg
+
+
+def test_unknown_section_is_refused():
+    with pytest.raises(ConfigError, match="unknown key 'optimizer'.*trainer"):
+        load_config(None, ["optimizer.lr=1"])
+
+
+def test_bad_values_are_explained():
+    with pytest.raises(ConfigError, match="trainer.lr"):
+        load_config(None, ["trainer.lr=-1"])
+    with pytest.raises(ConfigError, match="mpo.objective"):
+        load_config(None, ["mpo.objective=ppo"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(None, ["mpo.beta"])
+
+
+def test_global_batch_must_divide_evenly():
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        load_config(None, ["trainer.global_batch_size=30", "trainer.micro_batch_size=8"])
+
+
+def test_objective_weights():
+    assert load_config(None, ["mpo.objective=dpo"]).mpo.weights() == (1.0, 0.0, 0.0)
+    assert load_config(None, ["mpo.objective=dpo_sft"]).mpo.weights() == (1.0, 0.0, 1.0)
+    assert load_config(None, ["mpo.objective=rft"]).mpo.weights() == (0.0, 0.0, 1.0)
+    assert load_config(None, ["mpo.w_gen=0.5"]).mpo.weights() == (0.8, 0.2, 0.5)
+
+
+def test_hash_ignores_round_count_but_not_training_settings():
+    base = load_config(None)
+    assert load_config(None, ["loop.rounds=9"]).hash() == base.hash()
+    assert load_config(None, ["trainer.lr=1e-3"]).hash() != base.hash()
