@@ -40,10 +40,10 @@ def _sft(a: argparse.Namespace) -> None:
 
 
 def _eval(a: argparse.Namespace) -> None:
-    from mpo_online.data import read_prompt_rows
+    from mpo_online.data import load_prompts
     from mpo_online.evaluate import evaluate, offline_generator
     data = Path(a.data)
-    rows = read_prompt_rows(data / "heldout.parquet" if data.is_dir() else data)[: a.limit]
+    rows = load_prompts(data / "heldout.parquet" if data.is_dir() else data)[0][: a.limit]
     result = evaluate(offline_generator(a.model), rows, cot_instruction=a.cot_instruction,
                       direct_instruction=a.direct_instruction, max_tokens=a.max_tokens)
     print(json.dumps(result, indent=1))

@@ -1,0 +1,204 @@
+"""The online MPO loop: the Ray job entry point and the recipe users read.
+
+    ray job submit --working-dir . -- python jobs/online_mpo.py --config jobs/configs/tiny_cpu.yaml
+    python jobs/online_mpo.py --config jobs/configs/tiny_cpu.yaml [key=value ...] [--force] [--keep-serving]
+    mpo-online run --config jobs/configs/tiny_cpu.yaml            (the same, through the console script)
+
+Setup (Ray, warm-start policy v0, prompts, the Serve app) -> round 0 evaluation -> for each round:
+rollouts + pairs (Ray Data, sampling from the served policy) -> MPO update (Ray Train + DeepSpeed) -> publish and
+hot-swap version r into the running engines -> evaluate the served policy -> record -> next round; cleanup.
+
+Every phase ends by rewriting the round's manifest, so killing this job at any moment and starting it again with
+the same run directory resumes at the phase it was in (see mpo_online/run_state.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from mpo_online.config import load_config
+from mpo_online.records import RoundManifest
+from mpo_online.report import Progress, Reporter
+from mpo_online.run_state import RunDir, phase_at_least
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="online MPO: rollouts -> pairs -> train -> hot-swap -> eval, per round")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. trainer.lr=1e-5")
+    p.add_argument("--force", action="store_true", help="continue a run directory made by a different config")
+    p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up after the last round")
+    return p.parse_args(argv)
+
+
+def connect_ray(resources) -> None:
+    """Attach to the cluster a `ray job submit` runs us on (RAY_ADDRESS), else start a local Ray sized by the config."""
+    import ray
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, include_dashboard=False)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    run = RunDir.open(cfg.loop.run_dir, cfg, force=args.force)
+    progress = Progress(cfg.loop.rounds)
+    reporter = Reporter(run.root, cfg.hash())
+    t0 = time.time() - reporter.wall_seconds_so_far()
+
+    # --- setup: Ray, the warm-start policy (v0), prompts, the Serve app on the newest swapped policy --------------
+    from mpo_online.data import load_prompts, read_prompts
+    from mpo_online.evaluate import evaluate
+    from mpo_online.rollout_pipeline import run_round
+    from mpo_online.trainer import train_policy
+    from mpo_online.warm_start import warm_start_from_config
+    from serving.app import start_policy_server
+
+    connect_ray(cfg.resources)
+    progress.update(0, "warm-start")
+    warm = warm_start_from_config(cfg, force=True, evaluate_offline=False)  # run dir already checked above
+    prompts, quarantine = read_prompts(f"{warm['data']}/train.parquet",
+                                       quarantine_path=run.root / "prompts_rejects.jsonl")
+    heldout = load_prompts(f"{warm['data']}/heldout.parquet", quarantine_path=run.root / "heldout_rejects.jsonl")[0]
+    swapped = [r for r in range(1, cfg.loop.rounds + 1) if phase_at_least(run.manifest(r), "swapped")]
+    version = max(swapped, default=0)
+    progress.update(version, "serve", f"starting {cfg.serving.replicas} replica(s) on v{version}")
+    client = start_policy_server(str(run.policy_dir(version)), version=version, **serving_kwargs(cfg))
+
+    def served_generate(requests):
+        return [res["outputs"][0]["text"] if not res.get("error") else "" for res in client.generate(requests)]
+
+    def evaluate_served() -> dict:
+        return evaluate(served_generate, heldout, cot_instruction=cfg.data.cot_instruction,
+                        direct_instruction=cfg.data.direct_instruction, max_tokens=cfg.rollout.max_tokens)
+
+    if 0 not in reporter.rounds:  # round 0 = the warm-start policy
+        progress.update(0, "eval")
+        t = time.time()
+        ev = evaluate_served()
+        reporter.record_round({"round": 0, "policy_version": 0, "eval": ev, "pairs": {}, "train": warm.get("train", {}),
+                               "seconds": {"eval": time.time() - t, "total": time.time() - t}}, time.time() - t0)
+    progress.last_accuracy = reporter.rounds[max(reporter.rounds)]["eval"]["accuracy_cot"]
+
+    for r in range(1, cfg.loop.rounds + 1):
+        m = run.manifest(r) or RoundManifest(round=r, phase="started", policy_version=r - 1,
+                                             seeds={"rollout": cfg.rollout.seed + r, "train": cfg.trainer.seed + r})
+        if phase_at_least(m, "done"):
+            continue
+        run.save_manifest(m)
+        rdir = run.round_dir(r)
+
+        # 1. rollouts from the served policy v(r-1) -> verified -> preference pairs (Ray Data, streaming)
+        if not phase_at_least(m, "pairs"):
+            progress.update(r, "rollouts")
+            t = time.time()
+            stats = run_round(prompts, client=client, round=r, policy_version=r - 1, out_dir=str(rdir),
+                              policy_dir=str(run.policy_dir(r - 1)), seed=m.seeds["rollout"],
+                              **rollout_kwargs(cfg))
+            m.stats["pairs"] = stats
+            m.seconds["rollout"] = time.time() - t
+            for name in ("pairs.parquet", "rollouts.parquet"):
+                run.record_file(m, rdir / name)
+            m.phase = "pairs"
+            run.save_manifest(m)
+
+        # 2. MPO update on this round's pairs (Ray Train + DeepSpeed); reference = warm start or last round's policy
+        if not phase_at_least(m, "trained"):
+            progress.update(r, "train", f"{sum(m.stats['pairs'].get('pairs_by_kind', {}).values())} pairs")
+            t = time.time()
+            prev = run.manifest(r - 1) if r > 1 else None
+            data_path, objective, weights = training_data(cfg, rdir)
+            ref = None if objective == "sft" else run.policy_dir(0 if cfg.mpo.reference == "initial" else r - 1)
+            result = train_policy(
+                data_path, policy_dir=str(run.policy_dir(r - 1)), out_dir=str(run.policy_dir(r)),
+                ref_dir=None if ref is None else str(ref), objective=objective, weights=weights, beta=cfg.mpo.beta,
+                delta_state=prev.delta if prev else None, storage_dir=str((rdir / "train").resolve()),
+                run_name=f"round_{r:04d}", **trainer_kwargs(cfg, m.seeds["train"]))
+            m.delta = result.delta_state
+            m.stats["train"] = result.metrics
+            m.seconds["train"] = time.time() - t
+            m.phase = "trained"
+            run.save_manifest(m)
+
+        # 3. hot-swap: every replica serves version r before the round goes on
+        if not phase_at_least(m, "swapped"):
+            progress.update(r, "swap")
+            t = time.time()
+            client.publish(r, str(run.policy_dir(r)))
+            m.seconds["swap"] = time.time() - t
+            m.phase = "swapped"
+            run.save_manifest(m)
+
+        # 4. evaluate the served policy on the held-out set (greedy; CoT and direct answer)
+        if not phase_at_least(m, "evaluated"):
+            progress.update(r, "eval")
+            t = time.time()
+            m.stats["eval"] = evaluate_served()
+            m.seconds["eval"] = time.time() - t
+            m.phase = "evaluated"
+            run.save_manifest(m)
+
+        # 5. record
+        m.seconds["total"] = sum(m.seconds.get(k, 0.0) for k in ("rollout", "train", "swap", "eval"))
+        reporter.record_round({"round": r, "policy_version": r, "eval": m.stats["eval"],
+                               "pairs": m.stats["pairs"], "train": {**m.stats["train"], "delta": m.delta},
+                               "seconds": m.seconds}, time.time() - t0)
+        progress.last_accuracy = m.stats["eval"]["accuracy_cot"]
+        m.phase = "done"
+        run.save_manifest(m)
+
+    # --- cleanup ----------------------------------------------------------------------------------------------------
+    progress.update(cfg.loop.rounds, "done", f"-> {run.root / 'summary.json'}")
+    progress.close()
+    if args.keep_serving or cfg.loop.keep_serving:
+        print(f"serving the final policy at http://127.0.0.1:{cfg.serving.port}/v1 (Ctrl-C to stop)", flush=True)
+        client.wait_forever()
+    else:
+        client.shutdown()
+    return 0
+
+
+def serving_kwargs(cfg) -> dict:
+    s, res = cfg.serving, cfg.resources
+    return dict(model_id=s.model_id, replicas=s.replicas, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
+                kv_cache_gb=s.kv_cache_gb, enforce_eager=s.enforce_eager, tensor_parallel_size=s.tensor_parallel_size,
+                device=s.device, gpu_memory_utilization=s.gpu_memory_utilization, port=s.port,
+                admin_token=s.admin_token, max_image_bytes=s.max_image_bytes, max_prompt_chars=s.max_prompt_chars,
+                dtype=cfg.model.dtype, replica_cpus=res.serve_replica_cpus, replica_gpus=res.serve_replica_gpus)
+
+
+def rollout_kwargs(cfg) -> dict:
+    ro, pa = cfg.rollout, cfg.pairs
+    return dict(samples_per_prompt=ro.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
+                max_tokens=ro.max_tokens, prompts_per_round=ro.prompts_per_round,
+                max_pairs_per_prompt=pa.max_pairs_per_prompt, ntp_prefix_ratio=pa.ntp_prefix_ratio,
+                dropout_ntp=pa.dropout_ntp, cot_instruction=cfg.data.cot_instruction)
+
+
+def trainer_kwargs(cfg, seed: int) -> dict:
+    t, res, mpo = cfg.trainer, cfg.resources, cfg.mpo
+    return dict(delta_mode=mpo.delta_mode, delta_ema_decay=mpo.delta_ema_decay, lr=t.lr, weight_decay=t.weight_decay,
+                warmup_ratio=t.warmup_ratio, epochs=t.epochs, micro_batch_size=t.micro_batch_size,
+                global_batch_size=t.global_batch_size, zero_stage=t.zero_stage, precision=t.precision,
+                max_grad_norm=t.max_grad_norm, max_nonfinite_steps=t.max_nonfinite_steps,
+                logps_chunk_size=t.logps_chunk_size, max_length=t.max_length, seed=seed,
+                num_workers=res.train_workers, worker_cpus=res.train_worker_cpus, worker_gpus=res.train_worker_gpus)
+
+
+def training_data(cfg, rdir) -> tuple[str, str, tuple]:
+    """What this round trains on: pairs for the preference objectives, correct samples for RFT (SFT on them)."""
+    objective = cfg.mpo.objective
+    if objective == "rft":
+        from mpo_online.rollout_pipeline import write_rft_examples
+        return write_rft_examples(str(rdir)), "sft", (0.0, 0.0, 1.0)
+    return str(rdir / "pairs.parquet"), "mpo", cfg.mpo.weights()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The run directory: resolved config, per-round manifests, policies, and what resume needs.
+
+    runs/<name>/
+      config.yaml, run.json            resolved config; its hash (a different config is refused unless --force)
+      policies/v0000/ ...              Hugging Face checkpoints; v0 = warm start, vN = after round N
+      rounds/round_0001/manifest.json  phase reached, policy version, seeds, delta, file checksums, stats, seconds
+      rounds/round_0001/pairs.parquet  the round's preference pairs (+ rollouts.parquet, rejects.jsonl, train/)
+      summary.json, metrics.jsonl, report.md, accuracy.png, tb/
+
+Every write is atomic (temp file + rename), and a manifest is rewritten after each phase, so a run killed at any
+moment (kill -9) restarts at the phase it was in: the phases before it are not redone, the one it was in is redone
+from its inputs (rollouts are seeded; training resumes from its last Ray Train checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from mpo_online.config import RunConfig, dump_config
+from mpo_online.records import RoundManifest
+
+PHASES = ("started", "pairs", "trained", "swapped", "evaluated", "done")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (e.g. it belongs to a different config)."""
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def phase_at_least(manifest: RoundManifest | None, phase: str) -> bool:
+    return manifest is not None and PHASES.index(manifest.phase) >= PHASES.index(phase)
+
+
+class RunDir:
+    """A run directory. `open` creates it or checks it belongs to the same config."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @classmethod
+    def open(cls, root: str | Path, cfg: RunConfig, *, force: bool = False) -> "RunDir":
+        run = cls(root)
+        run.root.mkdir(parents=True, exist_ok=True)
+        info_path = run.root / "run.json"
+        if info_path.exists():
+            info = json.loads(info_path.read_text())
+            if info.get("config_hash") != cfg.hash() and not force:
+                raise RunDirError(
+                    f"run directory {run.root} was made by a different config (hash {info.get('config_hash')}, "
+                    f"this one is {cfg.hash()}); see {run.root / 'config.yaml'}. Use another loop.run_dir, or pass "
+                    "--force to continue it with the new config.")
+        dump_config(cfg, run.root / "config.yaml")
+        write_json_atomic(info_path, {"config_hash": cfg.hash()})
+        for sub in ("policies", "rounds"):
+            (run.root / sub).mkdir(exist_ok=True)
+        return run
+
+    # --- policies -------------------------------------------------------------------------------------------------
+    def policy_dir(self, version: int) -> Path:
+        return self.root / "policies" / f"v{version:04d}"
+
+    def has_policy(self, version: int) -> bool:
+        d = self.policy_dir(version)
+        return (d / "config.json").exists() and any(d.glob("*.safetensors"))
+
+    def latest_policy_version(self) -> int | None:
+        versions = [int(p.name[1:]) for p in (self.root / "policies").glob("v[0-9]*") if self.has_policy(int(p.name[1:]))]
+        return max(versions) if versions else None
+
+    # --- rounds ---------------------------------------------------------------------------------------------------
+    def round_dir(self, r: int) -> Path:
+        d = self.root / "rounds" / f"round_{r:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def manifest(self, r: int) -> RoundManifest | None:
+        path = self.root / "rounds" / f"round_{r:04d}" / "manifest.json"
+        return RoundManifest.from_json(path.read_text()) if path.exists() else None
+
+    def save_manifest(self, m: RoundManifest) -> None:
+        tmp = self.round_dir(m.round) / f".manifest.json.tmp-{os.getpid()}"
+        tmp.write_text(m.to_json())
+        os.replace(tmp, self.round_dir(m.round) / "manifest.json")
+
+    def verify_files(self, m: RoundManifest) -> list[str]:
+        """Files named in a manifest that are missing or whose checksum changed (a run dir tampered with)."""
+        bad = []
+        for rel, digest in m.files.items():
+            path = self.root / rel
+            if not path.exists() or sha256_file(path) != digest:
+                bad.append(rel)
+        return bad
+
+    def record_file(self, m: RoundManifest, path: str | Path, digest: str | None = None) -> None:
+        path = Path(path)
+        m.files[str(path.relative_to(self.root))] = digest or sha256_file(path)
+
+    def completed_rounds(self) -> list[RoundManifest]:
+        out = []
+        for d in sorted((self.root / "rounds").glob("round_[0-9]*")):
+            m = self.manifest(int(d.name.split("_")[1]))
+            if phase_at_least(m, "done"):
+                out.append(m)
+        return out
+
+    def clear_round_outputs(self, r: int, keep: tuple[str, ...] = ("manifest.json", "train")) -> None:
+        """Remove a half-done phase's leftovers (temp files) before redoing it."""
+        for p in self.round_dir(r).iterdir():
+            if p.name not in keep and ".tmp-" in p.name:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -1,0 +1,110 @@
+"""Warm start: make sure the base policy and the prompt data exist, then SFT the policy on the demonstrations.
+
+A random policy cannot produce a single "Final answer:" line, so before any preference learning it learns the task
+format from the tasks' chain-of-thought `solution`s (and direct answers for a share of prompts, so direct-answer
+evaluation means something). The SFT runs on the same Ray Train + DeepSpeed machinery as MPO (`objective="sft"`).
+
+Used by `mpo-online sft --config FILE` and by the recipe's setup (jobs/online_mpo.py); the result is policy v0.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from mpo_online.records import PreferencePair
+
+
+def ensure_model(path: str, *, init_if_missing: bool, text_only: bool = False, seed: int = 0) -> Path:
+    p = Path(path)
+    if (p / "config.json").exists():
+        return p
+    if not init_if_missing:
+        raise FileNotFoundError(f"model.path {p} is not a model directory (set model.init_if_missing to build the "
+                                "embedded tiny policy there)")
+    from mpo_online.tiny_model import build_model_dir
+    return build_model_dir(p, text_only=text_only, seed=seed)
+
+
+def ensure_tasks(path: str, *, generate_if_missing: bool, n_train: int, n_heldout: int, seed: int,
+                 levels: list[int], max_count: int, open_fraction: float) -> Path:
+    p = Path(path)
+    if (p / "train.parquet").exists() and (p / "heldout.parquet").exists():
+        return p
+    if not generate_if_missing:
+        raise FileNotFoundError(f"data.dir {p} has no train.parquet / heldout.parquet")
+    from mpo_online.tasks import write_task_splits
+    write_task_splits(p, n_train=n_train, n_heldout=n_heldout, seed=seed, levels=tuple(levels),
+                      max_count=max_count, open_fraction=open_fraction)
+    return p
+
+
+def sft_examples(rows: list[dict], *, cot_instruction: str, direct_instruction: str, direct_fraction: float,
+                 seed: int) -> list[PreferencePair]:
+    """One SFT example per prompt with a demonstration; a seeded share of the `qa` ones in direct-answer form."""
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        if not r.get("solution"):
+            continue
+        direct = r.get("answer") is not None and rng.random() < direct_fraction
+        question = r["question"] + (direct_instruction if direct else cot_instruction if r.get("answer") else "")
+        chosen = f"Final answer: {r['answer']}" if direct else r["solution"]
+        out.append(PreferencePair(pair_id=PreferencePair.make_id(r["id"], "sft", chosen, None), prompt_id=r["id"],
+                                  kind="sft", question=question, images=list(r["images"]), chosen=chosen,
+                                  rejected=None, gold_answer=r.get("answer")))
+    return out
+
+
+def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool = True) -> dict:
+    """Build/find model and data, SFT into `<run_dir>/policies/v0000`, and (optionally) evaluate it with vLLM."""
+    import json
+
+    import ray
+
+    from mpo_online.data import load_prompts
+    from mpo_online.records import pairs_to_table, write_parquet_atomic
+    from mpo_online.run_state import RunDir
+    from mpo_online.trainer import train_policy
+
+    run = RunDir.open(cfg.loop.run_dir, cfg, force=force)
+    base = ensure_model(cfg.model.path, init_if_missing=cfg.model.init_if_missing, text_only=cfg.model.text_only,
+                        seed=cfg.model.seed)
+    data = ensure_tasks(cfg.data.dir, generate_if_missing=cfg.data.generate_if_missing, n_train=cfg.data.n_train,
+                        n_heldout=cfg.data.n_heldout, seed=cfg.data.seed, levels=cfg.data.levels,
+                        max_count=cfg.data.max_count, open_fraction=cfg.data.open_fraction)
+    out = run.policy_dir(0)
+    result = {"policy_dir": str(out), "base_model": str(base), "data": str(data)}
+    if not run.has_policy(0):
+        if not cfg.warm_start.enabled:
+            import shutil
+            shutil.copytree(base, out)
+        else:
+            ws = cfg.warm_start
+            examples = sft_examples(load_prompts(data / "train.parquet")[0],
+                                    cot_instruction=cfg.data.cot_instruction,
+                                    direct_instruction=cfg.data.direct_instruction,
+                                    direct_fraction=ws.direct_fraction, seed=cfg.data.seed)
+            sft_path = run.root / "warm_start_sft.parquet"
+            write_parquet_atomic(pairs_to_table(examples), sft_path)
+            if not ray.is_initialized():
+                ray.init(num_cpus=cfg.resources.num_cpus, num_gpus=cfg.resources.num_gpus, include_dashboard=False)
+            t = cfg.trainer
+            trained = train_policy(
+                str(sft_path), policy_dir=str(base), out_dir=str(out), objective="sft", weights=(0.0, 0.0, 1.0),
+                lr=ws.lr, weight_decay=0.0, warmup_ratio=t.warmup_ratio, epochs=ws.epochs,
+                micro_batch_size=ws.micro_batch_size, global_batch_size=ws.global_batch_size,
+                zero_stage=t.zero_stage, precision=t.precision, max_grad_norm=t.max_grad_norm,
+                max_nonfinite_steps=t.max_nonfinite_steps, logps_chunk_size=t.logps_chunk_size,
+                max_length=t.max_length, seed=t.seed, num_workers=cfg.resources.train_workers,
+                worker_cpus=cfg.resources.train_worker_cpus, worker_gpus=cfg.resources.train_worker_gpus,
+                storage_dir=str((run.root / "warm_start_train").resolve()), run_name="warm_start")
+            result["train"] = trained.metrics
+            (run.root / "warm_start.json").write_text(json.dumps(result, indent=1, default=str))
+    if evaluate_offline:
+        from mpo_online.evaluate import evaluate, offline_generator
+        heldout = load_prompts(data / "heldout.parquet")[0]
+        gen = offline_generator(str(out), max_model_len=cfg.serving.max_model_len, kv_cache_gb=cfg.serving.kv_cache_gb)
+        result["eval"] = evaluate(gen, heldout, cot_instruction=cfg.data.cot_instruction,
+                                  direct_instruction=cfg.data.direct_instruction, max_tokens=cfg.rollout.max_tokens)
+    return result
