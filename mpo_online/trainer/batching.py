@@ -1,0 +1,239 @@
+"""Turn pair rows (mpo_online.records pair schema) into model inputs with prompt-masked labels.
+
+    collate = PairCollator.from_pretrained(policy_dir, max_length=512, pairs=True)
+    batch = collate(rows)          # rows: list of dicts in the pair schema (e.g. a pyarrow batch's to_pylist())
+    batch.tensors                  # input_ids / attention_mask / labels (S, T) + processor outputs (pixel_values, ...)
+
+Used inside the Ray Train workers (mpo_online.trainer.worker) and by tests; nothing here knows about Ray.
+
+Layout. For B pairs the batch holds S = 2B sequences, chosen first then rejected (rows i and B + i share the prompt
+and the images); with `pairs=False` (SFT / RFT) only the B chosen sequences. Each sequence is
+`prompt tokens + response tokens`, right-padded:
+
+- The prompt is the model's chat template applied to the `prompt` messages with add_generation_prompt=True, run
+  through the processor together with the row's images (so image placeholders expand to the model's image tokens).
+- The response is the rest of the templated full conversation (prompt + the one assistant message): the text after
+  the templated prompt, which must be a prefix of it (checked). It is tokenized on its own and appended, so the
+  prompt/response boundary is exact even for BPE tokenizers that would merge across it.
+- Targets (`labels` != -100) are the response tokens up to and including the end-of-turn token (the tokenizer's eos,
+  e.g. `<end_of_utterance>` or `<|im_end|>`); template text after it (a trailing newline) is dropped. Prompt, image
+  and padding positions are -100. If the template emits no end-of-turn token, the eos is appended.
+- `max_length` bounds prompt + response; only the response is cut (at least one response token is kept).
+
+Works with a multimodal processor (Idefics3/SmolVLM: pixel_values (S, n_images, 3, H, W); Qwen2.5-VL: flattened
+patches + image_grid_thw) because the processor sees all S prompts in one call and its image outputs are passed to
+the model untouched; and with a plain tokenizer (text-only models: image parts are dropped, content flattened to
+text so any text chat template works).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PairBatch:
+    """One micro-batch: model inputs + labels, and which pairs it holds."""
+    tensors: dict  # input_ids (S, T), attention_mask (S, T), labels (S, T), + processor outputs
+    n_pairs: int  # B; S = 2B when has_rejected else B
+    has_rejected: bool
+    keys: list = field(default_factory=list)  # (B,) stable pair keys (pair_id or a content hash)
+
+    @property
+    def num_tokens(self) -> int:
+        """Non-padding input tokens over all S sequences (prompt + image + response)."""
+        return int(self.tensors["attention_mask"].sum())
+
+    def to(self, device, float_dtype=None) -> "PairBatch":
+        """Move tensors to `device`; floating tensors (pixel_values) to `float_dtype` when given."""
+        out = {}
+        for k, v in self.tensors.items():
+            if hasattr(v, "to"):
+                v = v.to(device)
+                if float_dtype is not None and v.is_floating_point():
+                    v = v.to(float_dtype)
+            out[k] = v
+        return PairBatch(out, self.n_pairs, self.has_rejected, list(self.keys))
+
+
+def load_processor(model_dir):
+    """AutoProcessor for multimodal checkpoints; for text-only ones this resolves to the tokenizer."""
+    from transformers import AutoProcessor, AutoTokenizer
+    try:
+        return AutoProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError):
+        return AutoTokenizer.from_pretrained(model_dir)
+
+
+def row_key(row: dict) -> str:
+    """The pair's stable key: its pair_id, else a hash of its messages and images."""
+    if row.get("pair_id"):
+        return str(row["pair_id"])
+    h = hashlib.sha256(json.dumps([row.get("prompt"), row.get("chosen"), row.get("rejected")],
+                                  sort_keys=True, default=str).encode())
+    for im in row.get("images") or []:
+        h.update(im.get("bytes") or (im.get("path") or "").encode())
+    return h.hexdigest()[:20]
+
+
+def decode_images(images) -> list:
+    """Pair-schema image entries ({bytes, path}) -> RGB PIL images."""
+    from PIL import Image
+    out = []
+    for im in images or []:
+        if im.get("bytes"):
+            img = Image.open(io.BytesIO(im["bytes"]))
+        elif im.get("path"):
+            img = Image.open(im["path"])
+        else:
+            raise ValueError("image entry has neither bytes nor path")
+        out.append(img.convert("RGB"))
+    return out
+
+
+def _flatten_content(messages: list) -> list:
+    """Content lists -> plain strings (text parts joined), for text-only chat templates."""
+    out = []
+    for m in messages:
+        c = m["content"]
+        if not isinstance(c, str):
+            c = "".join(p.get("text") or "" for p in c if p.get("type") == "text")
+        out.append({"role": m["role"], "content": c})
+    return out
+
+
+def _clean(messages) -> list:
+    """Arrow round-trips give each part every struct field (an image part carries text=None); keep what is set."""
+    out = []
+    for m in messages or []:
+        c = m["content"]
+        if not isinstance(c, str):
+            c = [{k: v for k, v in p.items() if v is not None or k == "type"} for p in c]
+        out.append({"role": m["role"], "content": c})
+    return out
+
+
+class PairCollator:
+    """rows -> PairBatch. See the module docstring for the layout."""
+
+    def __init__(self, processor, *, max_length: int = 512, pairs: bool = True, eos_token_ids=None):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.multimodal = hasattr(processor, "image_processor")
+        self.max_length = int(max_length)
+        self.pairs = pairs
+        eos = set(eos_token_ids or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        if not eos:
+            raise ValueError("the tokenizer has no eos token and no eos_token_ids were given")
+        self.eos_ids = eos
+        self.append_eos_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else min(eos)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.append_eos_id
+
+    @classmethod
+    def from_pretrained(cls, model_dir, **kwargs) -> "PairCollator":
+        """Processor from `model_dir`; end-of-turn ids also from its generation_config.json when present."""
+        eos = []
+        try:
+            from transformers import GenerationConfig
+            e = GenerationConfig.from_pretrained(model_dir).eos_token_id
+            eos = [e] if isinstance(e, int) else list(e or [])
+        except (OSError, ValueError):
+            pass
+        return cls(load_processor(model_dir), eos_token_ids=kwargs.pop("eos_token_ids", None) or eos, **kwargs)
+
+    # --- templating --------------------------------------------------------------------------------------------
+
+    def _template(self, messages, *, add_generation_prompt: bool) -> str:
+        msgs = _clean(messages) if self.multimodal else _flatten_content(_clean(messages))
+        return self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def texts(self, prompt, response) -> tuple[str, str]:
+        """(templated prompt ending in the generation prompt, the response text that follows it)."""
+        prompt_text = self._template(prompt, add_generation_prompt=True)
+        full_text = self._template(list(prompt) + list(response), add_generation_prompt=False)
+        if not full_text.startswith(prompt_text):
+            raise ValueError("the chat template does not render the prompt (with add_generation_prompt=True) as a "
+                             f"prefix of the full conversation:\nprompt: {prompt_text!r}\nfull:   {full_text!r}")
+        return prompt_text, full_text[len(prompt_text):]
+
+    def _response_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ends = [i for i, t in enumerate(ids) if t in self.eos_ids]
+        if ends:
+            return ids[: ends[-1] + 1]  # through the end-of-turn token; trailing template text is not a target
+        return ids + [self.append_eos_id]
+
+    # --- batching ----------------------------------------------------------------------------------------------
+
+    def __call__(self, rows: list[dict]) -> PairBatch:
+        import torch
+
+        if not rows:
+            raise ValueError("empty batch")
+        B = len(rows)
+        responses = [r["chosen"] for r in rows]
+        if self.pairs:
+            for r in rows:
+                if not len(r.get("rejected") or []):
+                    raise ValueError(f"pair {row_key(r)} has no rejected response (use pairs=False for SFT rows)")
+            responses += [r["rejected"] for r in rows]
+        src = list(range(B)) + (list(range(B)) if self.pairs else [])  # sequence s comes from row src[s]
+        prompt_texts, resp_texts = [], []
+        for s, resp in enumerate(responses):
+            p, t = self.texts(rows[src[s]]["prompt"], resp)
+            prompt_texts.append(p)
+            resp_texts.append(t)
+
+        # Prompts (+ images) through the processor in one call: S sequences.
+        extra, per_token = {}, {}
+        if self.multimodal:
+            images = [decode_images(rows[i].get("images")) for i in src]
+            kw = {"images": images} if any(images) else {}
+            enc = self.processor(text=prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                                 **kw)
+            mask = enc["attention_mask"].bool()  # (S, T_p), padding side as the tokenizer likes
+            prompt_ids = [enc["input_ids"][s][mask[s]].tolist() for s in range(len(src))]
+            for k, v in enc.items():
+                if k in ("input_ids", "attention_mask"):
+                    continue
+                if hasattr(v, "shape") and v.dim() == 2 and tuple(v.shape) == tuple(mask.shape):
+                    # Per-token side inputs (e.g. Qwen2.5-VL's mm_token_type_ids): the prompt's values, then 0
+                    # ("text") for the response and padding; rebuilt below once T is known.
+                    per_token[k] = [v[s][mask[s]] for s in range(len(src))]
+                else:
+                    extra[k] = v  # image tensors (pixel_values, pixel_attention_mask, image_grid_thw, ...)
+        else:
+            prompt_ids = self.tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
+
+        seqs, n_prompt = [], []
+        for s in range(len(src)):
+            p = list(prompt_ids[s])
+            r = self._response_ids(resp_texts[s])
+            r = r[: max(1, self.max_length - len(p))]  # cut the response side only
+            seqs.append(p + r)
+            n_prompt.append(len(p))
+
+        T = max(len(x) for x in seqs)
+        S = len(seqs)
+        input_ids = torch.full((S, T), self.pad_id, dtype=torch.long)       # (S, T)
+        attention_mask = torch.zeros((S, T), dtype=torch.long)              # (S, T)
+        labels = torch.full((S, T), IGNORE_INDEX, dtype=torch.long)         # (S, T)
+        for s, ids in enumerate(seqs):
+            input_ids[s, : len(ids)] = torch.tensor(ids)
+            attention_mask[s, : len(ids)] = 1
+            labels[s, n_prompt[s]: len(ids)] = torch.tensor(ids[n_prompt[s]:])
+        for k, vals in per_token.items():
+            full = torch.zeros((S, T), dtype=vals[0].dtype)                  # (S, T)
+            for s, v in enumerate(vals):
+                full[s, : len(v)] = v
+            extra[k] = full
+        tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
+        return PairBatch(tensors, n_pairs=B, has_rejected=self.pairs, keys=[row_key(r) for r in rows])

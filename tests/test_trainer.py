@@ -1,0 +1,237 @@
+"""Tests for mpo_online.trainer: batching and log-probs on the tiny models, then real Ray Train + DeepSpeed runs.
+
+Integration runs (2 workers, gloo, torch AdamW) share one `ray.init(num_cpus=4)` for the module and tiny data
+(24 pairs of 64x64 PNGs, micro-batch 4 -> 3 micro-batches per worker). Four `train_policy` calls in all:
+ZeRO-0 MPO with an injected NaN; ZeRO-3 MPO interrupted after step 1 and resumed; SFT on the text-only model.
+"""
+
+import io
+import json
+import math
+import os
+
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+N_PAIRS = 24
+COMMON = dict(micro_batch_size=4, global_batch_size=8, lr=1e-3, weight_decay=0.0, warmup_ratio=0.0,
+              max_length=96, num_workers=2, worker_cpus=1.0)
+CARRIED = {"mode": "cumulative", "decay": 0.99, "value": 0.05, "count": 2.0}   # delta from a "previous round"
+
+
+def _png(rgb) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pairs(n=N_PAIRS):
+    from mpo_online.records import PreferencePair
+    return [PreferencePair(pair_id=f"p{i:03d}", prompt_id=f"q{i}", kind="correctness", question=f"How many {i}?",
+                           images=[_png(((37 * i) % 256, 90, 200))], chosen=f"Final answer: {i % 7}",
+                           rejected=f"Final answer: {(i + 3) % 7}x") for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from mpo_online.tiny_model import build_model_dir
+    root = tmp_path_factory.mktemp("models")
+    return {"vlm": str(build_model_dir(root / "vlm")), "txt": str(build_model_dir(root / "txt", text_only=True))}
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    from mpo_online.records import pairs_to_table, write_parquet_atomic
+    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
+    write_parquet_atomic(pairs_to_table(_pairs()), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    from mpo_online.records import pairs_to_table
+    return pairs_to_table(_pairs(3)).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def ray4():
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _weights(d):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(d, "model.safetensors"))
+
+
+# --- batching / log-probs (no Ray) ---------------------------------------------------------------------------------
+
+def test_batching_masks_prompt_tokens_exactly(models, rows):
+    from mpo_online.trainer.batching import IGNORE_INDEX, PairCollator
+    col = PairCollator.from_pretrained(models["vlm"], max_length=512)
+    b = col(rows)
+    t = b.tensors
+    assert b.n_pairs == 3 and t["input_ids"].shape[0] == 6 and tuple(t["pixel_values"].shape[:2]) == (6, 1)
+    tok = col.tokenizer
+    # Prompt "User: <fake><global-img><image>x4<fake>How many i?<eou>\nAssistant: " with the char-level tokenizer:
+    # 6 + 7 image tokens + 11 + 1 + 1 + 11 = 37 tokens. Targets: the answer's characters + <end_of_utterance>.
+    for s, (i, answer) in enumerate([(0, "Final answer: 0"), (1, "Final answer: 1"), (2, "Final answer: 2"),
+                                     (0, "Final answer: 3x"), (1, "Final answer: 4x"), (2, "Final answer: 5x")]):
+        n = int(t["attention_mask"][s].sum())
+        labels = t["labels"][s]
+        n_prompt = 37
+        assert (labels[:n_prompt] == IGNORE_INDEX).all() and (labels[n:] == IGNORE_INDEX).all()
+        assert tok.decode(labels[n_prompt:n]) == answer + "<end_of_utterance>"
+        assert n - n_prompt == len(answer) + 1
+        assert (labels[n_prompt:n] == t["input_ids"][s, n_prompt:n]).all()
+        assert tok.decode(t["input_ids"][s, :n_prompt]).endswith(f"How many {i}?<end_of_utterance>\nAssistant: ")
+    # chosen s and rejected 3 + s share the prompt (ids and image)
+    assert (t["input_ids"][0, :37] == t["input_ids"][3, :37]).all()
+    assert (t["pixel_values"][0] == t["pixel_values"][3]).all()
+    assert b.keys == ["p000", "p001", "p002"]
+
+
+def test_batching_text_only_truncates_the_response_side(models, rows):
+    from mpo_online.trainer.batching import IGNORE_INDEX, PairCollator
+    col = PairCollator.from_pretrained(models["txt"], max_length=33, pairs=False)
+    b = col(rows)
+    t = b.tensors
+    assert t["input_ids"].shape == (3, 33) and "pixel_values" not in t   # SFT layout: chosen only
+    # "User: How many 0?<end_of_utterance>\nAssistant: " = 6 + 11 + 1 + 1 + 11 = 30 tokens; 33 - 30 = 3 targets.
+    labels = t["labels"][0]
+    assert (labels[:30] == IGNORE_INDEX).all()
+    assert col.tokenizer.decode(labels[30:]) == "Fin"   # cut before the eos: no end-of-turn target
+
+
+def test_sequence_logps_equals_full_logits(models, rows):
+    import torch
+
+    from mpo_online.trainer.batching import PairCollator
+    from mpo_online.trainer.logps import load_model, sequence_logps
+    for name in ("vlm", "txt"):
+        model = load_model(models[name])
+        t = PairCollator.from_pretrained(models[name], max_length=512)(rows).tensors
+        sum_lp, nll, n = sequence_logps(model, t, chunk_size=5)
+        sum_lp.sum().backward()
+        g_fused = model.get_output_embeddings().weight.grad.clone()
+        model.zero_grad()
+        logits = model(**{k: v for k, v in t.items() if k != "labels"}).logits.float()     # (S, T, V)
+        lp = torch.log_softmax(logits[:, :-1], dim=-1)
+        y = t["labels"][:, 1:]
+        mask = y != -100
+        ref = (lp.gather(2, y.clamp(min=0)[..., None]).squeeze(2) * mask).sum(1)             # (S,)
+        ref.sum().backward()
+        torch.testing.assert_close(sum_lp, ref, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(nll, -ref / mask.sum(1), atol=1e-5, rtol=1e-5)
+        assert n.tolist() == mask.sum(1).tolist() == [16, 16, 16, 17, 17, 17]
+        torch.testing.assert_close(g_fused, model.get_output_embeddings().weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_schedule_and_plan():
+    from mpo_online.trainer import plan_steps
+    from mpo_online.trainer.worker import lr_factor
+    assert [round(lr_factor(s, total_steps=5, warmup_steps=1), 6) for s in range(5)] == \
+        [0.5, 1.0, round(0.5 * (1 + math.cos(math.pi / 4)), 6), 0.5, round(0.5 * (1 + math.cos(3 * math.pi / 4)), 6)]
+    # 203 rows, 2 workers -> 101 each; micro 8 -> 13 micro-batches/epoch; global 32 -> accumulation 2 -> 6 steps/epoch
+    assert plan_steps(203, num_workers=2, micro_batch_size=8, global_batch_size=32, epochs=2) == \
+        {"grad_accum": 2, "micro_per_epoch": 13, "total_steps": 13, "rows_per_worker": 101}
+    with pytest.raises(ValueError):
+        plan_steps(100, num_workers=2, micro_batch_size=8, global_batch_size=24, epochs=1)
+
+
+# --- Ray Train + DeepSpeed ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def zero0_run(ray4, models, pairs_file, tmp_path_factory):
+    """ZeRO-0 MPO, policy = reference; rank 0 returns NaN log-probs on micro-batch 1 (3 per worker)."""
+    from mpo_online.trainer import train_policy
+    out = tmp_path_factory.mktemp("z0") / "policy"
+    return train_policy(pairs_file, policy_dir=models["vlm"], out_dir=out, objective="mpo", zero_stage=0,
+                        delta_state=CARRIED, _nan_on_micro_batches=(1,), **COMMON)
+
+
+def test_mpo_zero0_first_step_skip_nan_and_export(zero0_run, models):
+    r = zero0_run
+    h0 = r.history[0]
+    # policy == reference at step 0: rewards 0, so L_pref = -log s(0) = ln 2 and, with delta updated by the
+    # step's mean reward 0 first: delta = (0.05 * 2 + 0) / 3, L_quality = -log s(-delta) - log s(delta)
+    delta = 0.1 / 3
+    assert abs(h0["loss_pref"] - math.log(2)) < 1e-6 and abs(h0["reward_margin"]) < 1e-6
+    assert abs(h0["delta"] - delta) < 1e-12
+    assert abs(h0["loss_quality"] - (math.log1p(math.exp(delta)) + math.log1p(math.exp(-delta)))) < 1e-6
+    # the NaN micro-batch is dropped on both workers: 3 micro-batches -> 2 steps, 1 skipped
+    assert r.metrics["skipped_nonfinite"] == 1 and r.metrics["steps"] == 2 and r.metrics["micro_batches"] == 3
+    # delta: cumulative mean over the carried 2 updates and this call's per-step world-mean rewards
+    rewards = [h["reward_mean"] for h in r.history]
+    assert r.delta_state["count"] == 4 and abs(r.delta_state["value"] - (0.1 + sum(rewards)) / 4) < 1e-9
+    assert r.metrics["tokens_per_s"] > 0 and r.metrics["startup_seconds"] > 0
+    before, after = _weights(models["vlm"]), _weights(r.policy_dir)
+    assert set(before) == set(after)
+    assert all(bool(v.isfinite().all()) for v in after.values())
+    assert any(not (before[k] == after[k]).all() for k in before)
+    files = set(os.listdir(r.policy_dir))
+    assert {"tokenizer.json", "processor_config.json", "chat_template.jinja", "mpo_train.json"} <= files
+    assert json.loads(open(os.path.join(r.policy_dir, "mpo_train.json")).read())["objective"] == "mpo"
+
+
+def test_exported_policy_loads_and_generates(zero0_run, rows):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mpo_online.trainer.batching import decode_images
+    model = AutoModelForImageTextToText.from_pretrained(zero0_run.policy_dir)
+    proc = AutoProcessor.from_pretrained(zero0_run.policy_dir)
+    text = proc.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
+    enc = proc(text=[text], images=[decode_images(rows[0]["images"])], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 5 or out[0, -1].item() == proc.tokenizer.eos_token_id
+
+
+def test_zero3_resume_keeps_delta_and_matches_zero0(ray4, models, pairs_file, zero0_run, tmp_path):
+    from mpo_online.trainer import train_policy
+    out, storage = tmp_path / "policy", tmp_path / "ray_train"
+    kw = dict(policy_dir=models["vlm"], out_dir=out, objective="mpo", zero_stage=3, storage_dir=storage,
+              run_name="z3", checkpoint_every=1, delta_state=CARRIED, **COMMON)
+    with pytest.raises(RuntimeError, match="resume"):
+        train_policy(pairs_file, _fail_after_step=1, **kw)
+    assert not out.exists() and any(p.startswith("checkpoint_") for p in os.listdir(storage / "z3"))
+    r = train_policy(pairs_file, **kw)
+    assert r.metrics["resumed_from_step"] == 1 and r.metrics["steps"] == 3 and len(r.history) == 3
+    # ZeRO-3 step 1 == ZeRO-0 step 1 (same data order, weights, objective; the NaN was on micro-batch 1)
+    for k in ("loss", "grad_norm", "reward_mean"):
+        assert abs(r.history[0][k] - zero0_run.history[0][k]) < 1e-4 * max(1.0, abs(zero0_run.history[0][k]))
+    # delta carried in (0.05 over 2 updates) + 3 updates, one of them before the restart
+    rewards = [h["reward_mean"] for h in r.history]
+    assert r.delta_state["count"] == 5
+    assert abs(r.delta_state["value"] - (0.05 * 2 + sum(rewards)) / 5) < 1e-9
+    before, after = _weights(models["vlm"]), _weights(r.policy_dir)
+    assert any(not (before[k] == after[k]).all() for k in before)
+    # a second call for the same out_dir and run returns the published result
+    assert train_policy(pairs_file, **kw).history == r.history
+
+
+def test_sft_reduces_nll_text_only(ray4, models, pairs_file, tmp_path):
+    import torch
+
+    from mpo_online.records import pairs_to_table
+    from mpo_online.trainer import train_policy
+    from mpo_online.trainer.batching import PairCollator
+    from mpo_online.trainer.logps import load_model, sequence_logps
+
+    def mean_nll(model_dir):
+        t = PairCollator.from_pretrained(model_dir, max_length=96, pairs=False)(
+            pairs_to_table(_pairs()).to_pylist()).tensors
+        with torch.no_grad():
+            return float(sequence_logps(load_model(model_dir), t)[1].mean())
+
+    r = train_policy(pairs_file, policy_dir=models["txt"], out_dir=tmp_path / "sft", objective="sft", epochs=2,
+                     **COMMON)
+    assert r.metrics["steps"] == 6 and r.history[-1]["loss_gen"] < r.history[0]["loss_gen"]
+    before, after = mean_nll(models["txt"]), mean_nll(r.policy_dir)
+    assert after < before - 0.5, (before, after)
