@@ -1,0 +1,291 @@
+"""The MPO preference-data rules, as pure functions: which prompts a round samples, how sampled responses become
+correctness pairs, and how Dropout-NTP pairs are built. No Ray and no I/O (except `PromptRenderer`, which reads the
+policy's tokenizer files); mpo_online.rollout_pipeline runs these inside Ray Data stages, and tests/test_pairs.py
+checks them on hand-worked cases. Nothing here is launched directly.
+
+Rules (arXiv 2411.10442 and its reference data pipeline):
+- Correctness pairs, for prompts with a ground truth: a response whose final answer matches the gold answer is a
+  positive; a wrong or unparseable one is a negative. Duplicate response texts are dropped first; every
+  positive x negative is a candidate; a candidate is skipped when the positive's final answer is a (case-insensitive)
+  substring of the negative's final answer (the reference code's "entailment" skip: "5" vs "15" is not a clean
+  contrast). We compare answers, not the negative's whole text: a wrong chain of thought usually mentions the right
+  number somewhere ("I see 3 red... 3 + 2 = 6"), and a text rule would discard most numeric pairs. A negative with
+  no parseable answer is never skipped by this rule. At most `max_pairs` candidates per prompt, a seeded choice.
+  Prompts whose unique responses are all right or all wrong give no pairs.
+- Dropout-NTP, for prompts without ground truth: chosen = a response sampled WITH the image; keep its first
+  `ratio` of the words; the same policy continues that prefix WITHOUT the image; rejected = prefix + continuation.
+
+`skipped` counters use these keys (unit in brackets): duplicate_response [responses], all_correct / all_wrong /
+no_samples / no_pairs_left [prompts], answer_in_rejected / over_cap [candidate pairs], truncated_chosen /
+empty_prefix / ntp_same_as_chosen [Dropout-NTP chosen responses].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import replace
+
+from mpo_online.records import PreferencePair, Rollout
+from mpo_online.verify import answers_match, extract_final_answer
+
+
+def derive_seed(*parts) -> int:
+    """A seed for a named sub-stream, stable across processes and Python versions (no `hash()`), < 2**31 so every
+    sampler (vLLM, numpy, random) accepts it. vLLM gives the i-th of n samples seed + i, which stays in int64."""
+    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
+
+
+# ------------------------------------------------------------------------------------------------ prompt sampling
+
+def _epoch_orders(ids: list[str], per_round: int, seed: int, last_epoch: int) -> list[list[str]]:
+    """The order each epoch 0..last_epoch hands out the ids in.
+
+    An epoch is a seeded permutation; consecutive rounds take consecutive slices of the concatenated orders. A round
+    that straddles two epochs takes the tail of epoch e and the head of epoch e+1, and must not get an id twice: so
+    epoch e+1's order starts with the first ids of its permutation that are not in that tail, and the tail ids it
+    skipped follow later in permutation order. Every epoch still hands out every id exactly once."""
+    n = len(ids)
+    orders: list[list[str]] = []
+    for e in range(last_epoch + 1):
+        perm = list(ids)
+        random.Random(derive_seed(seed, "prompt-epoch", e)).shuffle(perm)
+        if e > 0:
+            tail_len = (e * n) % per_round  # positions of epoch e-1 inside the straddling round
+            if tail_len:
+                tail = set(orders[-1][n - tail_len:])
+                head = [x for x in perm if x not in tail][: per_round - tail_len]
+                taken = set(head)
+                perm = head + [x for x in perm if x not in taken]
+        orders.append(perm)
+    return orders
+
+
+def sample_round_prompts(prompt_ids, round: int, per_round: int, seed: int) -> list[str]:
+    """The prompt ids round `round` samples: without replacement across rounds until the pool is exhausted, then a
+    new seeded permutation (an epoch). Deterministic in (set of ids, round, per_round, seed): input order does not
+    matter and no state is kept, so a resumed run samples the same prompts. Never repeats an id within a round;
+    `per_round` above the pool size gives the whole pool every round."""
+    ids = sorted(set(prompt_ids))
+    if not ids or per_round <= 0:
+        return []
+    if round < 0:
+        raise ValueError(f"round must be >= 0, got {round}")
+    n, k = len(ids), min(per_round, len(ids))
+    start, stop = round * k, (round + 1) * k
+    orders = _epoch_orders(ids, k, seed, (stop - 1) // n)
+    return [orders[p // n][p % n] for p in range(start, stop)]
+
+
+# ------------------------------------------------------------------------------------------- correctness pairs
+
+def label_rollout(rollout: Rollout, gold: str | None) -> Rollout:
+    """The rollout with its final answer extracted and, when there is a gold answer, its verdict."""
+    answer = extract_final_answer(rollout.text)
+    correct = None if gold is None else (answer is not None and answers_match(answer, gold))
+    return replace(rollout, final_answer=answer, correct=correct)
+
+
+def dedupe_rollouts(rollouts: list[Rollout]) -> tuple[list[Rollout], int]:
+    """Rollouts in sample order with repeated texts (compared stripped) dropped; the first occurrence is kept."""
+    seen, kept = set(), []
+    for r in sorted(rollouts, key=lambda r: r.sample_index):
+        key = r.text.strip()
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept, len(rollouts) - len(kept)
+
+
+def _capped(candidates: list, max_pairs: int, rng_seed: int, skipped: Counter) -> list:
+    """At most max_pairs candidates: a seeded choice, returned in candidate order (stable across reruns)."""
+    if len(candidates) <= max_pairs:
+        return candidates
+    skipped["over_cap"] += len(candidates) - max_pairs
+    keep = sorted(random.Random(rng_seed).sample(range(len(candidates)), max_pairs))
+    return [candidates[i] for i in keep]
+
+
+def correctness_pairs(prompt_row: dict, rollouts: list[Rollout], *, max_pairs: int, round: int,
+                      policy_version: int, rng_seed: int) -> tuple[list[PreferencePair], Counter]:
+    """Correctness pairs of one prompt (see the module docstring) and the skip counts.
+
+    `prompt_row` is a prompt-schema row whose `question` is the text the policy was asked (instructions included:
+    that is what the trainer must condition on). Rollouts without a verdict are labelled here."""
+    skipped: Counter = Counter()
+    gold = prompt_row.get("answer")
+    if gold is None:
+        raise ValueError(f"prompt {prompt_row.get('id')!r} has no gold answer: use Dropout-NTP pairs")
+    labelled = [r if r.correct is not None else label_rollout(r, gold) for r in rollouts]
+    unique, n_dup = dedupe_rollouts(labelled)
+    if n_dup:
+        skipped["duplicate_response"] += n_dup
+    positives = [r for r in unique if r.correct]
+    negatives = [r for r in unique if not r.correct]
+    if not unique:
+        skipped["no_samples"] += 1
+        return [], skipped
+    if not negatives:
+        skipped["all_correct"] += 1
+        return [], skipped
+    if not positives:
+        skipped["all_wrong"] += 1
+        return [], skipped
+    candidates = []
+    for pos in positives:
+        for neg in negatives:
+            if neg.final_answer is not None and pos.final_answer.casefold() in neg.final_answer.casefold():
+                skipped["answer_in_rejected"] += 1
+                continue
+            candidates.append((pos, neg))
+    if not candidates:
+        skipped["no_pairs_left"] += 1
+        return [], skipped
+    pairs = []
+    for pos, neg in _capped(candidates, max_pairs, rng_seed, skipped):
+        pairs.append(PreferencePair(
+            pair_id=PreferencePair.make_id(prompt_row["id"], "correctness", pos.text, neg.text),
+            prompt_id=prompt_row["id"], kind="correctness", question=prompt_row["question"],
+            images=list(prompt_row.get("images") or []), chosen=pos.text, rejected=neg.text, round=round,
+            policy_version=policy_version, gold_answer=gold, chosen_answer=pos.final_answer,
+            rejected_answer=neg.final_answer, chosen_correct=True, rejected_correct=False))
+    return pairs, skipped
+
+
+# ------------------------------------------------------------------------------------------------- Dropout-NTP
+
+_WORD = re.compile(r"\S+")
+
+
+def ntp_prefix(text: str, ratio: float) -> str:
+    """The first int(n_words * ratio) whitespace-separated words of `text`, with the original spacing between them
+    (and any leading whitespace); no trailing whitespace. "" when that is zero words."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    ends = [m.end() for m in _WORD.finditer(text)]
+    keep = int(len(ends) * ratio)
+    return text[: ends[keep - 1]] if keep else ""
+
+
+def ntp_chosen(rollouts: list[Rollout], *, max_pairs: int, ratio: float,
+               rng_seed: int) -> tuple[list[tuple[Rollout, str]], Counter]:
+    """The (chosen rollout, prefix) Dropout-NTP pairs of one open prompt will be built from.
+
+    Unique responses only; a response cut off by the token limit is not a good "chosen" (skipped as
+    truncated_chosen); one too short to leave a non-empty prefix is skipped as empty_prefix; then at most max_pairs,
+    a seeded choice."""
+    skipped: Counter = Counter()
+    unique, n_dup = dedupe_rollouts(rollouts)
+    if n_dup:
+        skipped["duplicate_response"] += n_dup
+    if not unique:
+        skipped["no_samples"] += 1
+        return [], skipped
+    candidates = []
+    for r in unique:
+        if r.finish_reason == "length":
+            skipped["truncated_chosen"] += 1
+            continue
+        prefix = ntp_prefix(r.text, ratio)
+        if not prefix:
+            skipped["empty_prefix"] += 1
+            continue
+        candidates.append((r, prefix))
+    if not candidates:
+        skipped["no_pairs_left"] += 1
+    return _capped(candidates, max_pairs, rng_seed, skipped), skipped
+
+
+def text_only_messages(question: str) -> list[dict]:
+    """The prompt as one text-only user turn (the image dropped), for the chat template."""
+    return [{"role": "user", "content": [{"type": "text", "text": question}]}]
+
+
+def render_chat_template(template: str, messages: list[dict], **extra) -> str:
+    """Render a Hugging Face chat template string with the generation prompt, the way transformers does (sandboxed
+    jinja, trim_blocks + lstrip_blocks). For callers that have a template string and no tokenizer directory."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **extra)
+
+
+class PromptRenderer:
+    """messages -> templated prompt (generation prompt included), from a policy directory's tokenizer/processor or
+    a template string. The one helper here that reads files (the tokenizer, lazily, once per process); picklable,
+    so Ray workers rebuild it. Also counts tokens when it has a tokenizer."""
+
+    def __init__(self, policy_dir: str | None = None, chat_template: str | None = None):
+        if policy_dir is None and chat_template is None:
+            raise ValueError("Dropout-NTP needs the policy's chat template: pass policy_dir or chat_template")
+        self.policy_dir, self.chat_template, self._tok = policy_dir, chat_template, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tok": None}
+
+    def load(self):
+        """The tokenizer/processor (None with a template string); loaded once, on first use or on this call."""
+        if self._tok is None and self.policy_dir is not None:
+            from transformers import AutoProcessor, AutoTokenizer
+            # vLLM prefers the processor's chat template to the tokenizer's; so do we, to render the same prompt.
+            proc = AutoProcessor.from_pretrained(self.policy_dir)
+            self._tok = proc if getattr(proc, "chat_template", None) else AutoTokenizer.from_pretrained(self.policy_dir)
+        return self._tok
+
+    def __call__(self, messages: list[dict]) -> str:
+        if self.chat_template is not None:
+            return render_chat_template(self.chat_template, messages)
+        return self.load().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def count_tokens(self, text: str) -> int | None:
+        tok = self.load()
+        tok = getattr(tok, "tokenizer", tok)  # a processor wraps its tokenizer
+        return None if tok is None else len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def split_template(render) -> tuple[str, str] | None:
+    """(head, tail) with render(text_only_messages(q)) == head + q + tail for any question q, or None when the
+    template does not insert the question verbatim (e.g. it trims or escapes it). Lets the driver render the chat
+    template once, so Ray workers build continuation prompts with string concatenation and never load a tokenizer."""
+    probes = ["\x00mpo-question-a\x00", "Is it 7? Say\nwhy."]
+    rendered = [render(text_only_messages(q)) for q in probes]
+    head, sep, tail = rendered[0].partition(probes[0])
+    if not sep or head + probes[1] + tail != rendered[1]:
+        return None
+    return head, tail
+
+
+def ntp_continuation_request(question: str, prefix: str, *, templated_prompt: str, temperature: float, top_p: float,
+                             max_tokens: int, seed: int) -> dict:
+    """The raw-prompt request asking the policy to continue `prefix` without the image.
+
+    `templated_prompt` is the chat template applied to `text_only_messages(question)` with the generation prompt
+    (it ends with the assistant header, e.g. "Assistant: "). No image travels with the request."""
+    if "<image>" in templated_prompt:
+        raise ValueError("the continuation prompt must be rendered without image placeholders")
+    return {"prompt": templated_prompt + prefix, "images": [], "n": 1, "temperature": temperature, "top_p": top_p,
+            "max_tokens": max_tokens, "seed": seed}
+
+
+def ntp_pair(prompt_row: dict, chosen_text: str, prefix: str, continuation: str, *, round: int,
+             policy_version: int) -> PreferencePair | None:
+    """A Dropout-NTP pair: chosen = the response sampled with the image; rejected = prefix + the image-less
+    continuation. `prompt_row["question"]` is the question as asked (instructions included).
+
+    None when the continuation reproduces the chosen response (compared stripped): such a pair carries no
+    preference, and it happens whenever the image did not matter for the rest of the answer (callers count it as
+    `ntp_same_as_chosen`)."""
+    if not chosen_text.startswith(prefix):
+        raise ValueError("prefix is not a prefix of the chosen response")
+    rejected = prefix + continuation
+    if rejected.strip() == chosen_text.strip():
+        return None
+    return PreferencePair(
+        pair_id=PreferencePair.make_id(prompt_row["id"], "dropout_ntp", chosen_text, rejected),
+        prompt_id=prompt_row["id"], kind="dropout_ntp", question=prompt_row["question"],
+        images=list(prompt_row.get("images") or []), chosen=chosen_text, rejected=rejected, round=round,
+        policy_version=policy_version, gold_answer=prompt_row.get("answer"), ntp_prefix=prefix)

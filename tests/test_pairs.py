@@ -1,0 +1,190 @@
+"""Pure tests of mpo_online.pairs: hand-worked cases for prompt sampling, correctness pairs, Dropout-NTP."""
+
+from collections import Counter
+
+import pytest
+
+from mpo_online.pairs import (correctness_pairs, dedupe_rollouts, derive_seed, label_rollout, ntp_chosen,
+                              ntp_continuation_request, ntp_pair, ntp_prefix, render_chat_template,
+                              sample_round_prompts, text_only_messages)
+from mpo_online.records import PreferencePair, Rollout
+from mpo_online.tiny_model import CHAT_TEMPLATE
+
+PROMPT = {"id": "p1", "question": "How many red shapes are there?", "images": [b"png"], "answer": "3", "kind": "qa"}
+
+
+def ro(i, text, finish="stop"):
+    return Rollout(prompt_id="p1", round=0, policy_version=0, sample_index=i, text=text, n_tokens=len(text),
+                   finish_reason=finish)
+
+
+def build(texts, max_pairs=15, seed=0):
+    return correctness_pairs(PROMPT, [ro(i, t) for i, t in enumerate(texts)], max_pairs=max_pairs, round=2,
+                             policy_version=5, rng_seed=seed)
+
+
+# ----------------------------------------------------------------------------------------- prompt sampling
+
+def test_sampling_without_replacement_then_new_epoch():
+    ids = [f"q{i}" for i in range(10)]
+    rounds = [sample_round_prompts(ids, r, 4, seed=7) for r in range(10)]  # 40 draws = 4 epochs of 10
+    assert all(len(r) == 4 and len(set(r)) == 4 for r in rounds)  # no repeat inside a round, even straddling
+    stream = [x for r in rounds for x in r]
+    for e in range(4):  # every epoch hands out every id exactly once
+        assert sorted(stream[10 * e:10 * e + 10]) == sorted(ids)
+    assert stream[:10] != stream[10:20]  # a fresh permutation per epoch
+
+
+def test_sampling_deterministic_and_order_free():
+    ids = [f"q{i}" for i in range(50)]
+    a = sample_round_prompts(ids, 3, 8, seed=1)
+    assert a == sample_round_prompts(list(reversed(ids)), 3, 8, seed=1)  # input order does not matter
+    assert a != sample_round_prompts(ids, 3, 8, seed=2)
+    assert sample_round_prompts(ids, 0, 100, seed=1) == sample_round_prompts(ids, 0, 50, seed=1)  # clamped to pool
+    assert sorted(sample_round_prompts(ids, 0, 100, seed=1)) == sorted(ids)
+    assert sample_round_prompts([], 0, 4, seed=1) == []
+
+
+def test_straddling_round_skips_the_previous_tail():
+    # 5 ids, 3 per round: round 1 takes positions 3,4 of epoch 0 and position 0 of epoch 1.
+    ids = list("abcde")
+    r0, r1, r2, r3 = (sample_round_prompts(ids, r, 3, seed=3) for r in range(4))
+    assert sorted(r0 + r1[:2]) == ids and len(set(r1)) == 3
+    assert sorted(r1[2:] + r2 + r3[:1]) == ids  # epoch 1 = positions 5..9
+
+
+# --------------------------------------------------------------------------------------- correctness pairs
+
+def test_labels_and_every_positive_times_negative():
+    texts = ["Final answer: 3", "I see 3.\nFinal answer: 3", "Final answer: 4", "no idea", "Final answer: 7"]
+    pairs, skipped = build(texts)
+    # positives: 0, 1; negatives: 2 (wrong), 3 (unparseable), 4 (wrong) -> 2 x 3 = 6 pairs
+    assert len(pairs) == 6 and not skipped
+    assert {(p.chosen, p.rejected) for p in pairs} == {(c, r) for c in texts[:2] for r in texts[2:]}
+    for p in pairs:
+        assert p.kind == "correctness" and p.chosen_correct is True and p.rejected_correct is False
+        assert p.chosen_answer == "3" and p.gold_answer == "3" and p.round == 2 and p.policy_version == 5
+        assert p.images == [b"png"] and p.question == PROMPT["question"]
+        assert p.pair_id == PreferencePair.make_id("p1", "correctness", p.chosen, p.rejected)
+    assert {p.rejected_answer for p in pairs} == {"4", None, "7"}
+
+
+def test_duplicates_dropped_before_pairing():
+    pairs, skipped = build(["Final answer: 3", " Final answer: 3 ", "Final answer: 4", "Final answer: 4"])
+    assert len(pairs) == 1 and skipped == Counter(duplicate_response=2)
+
+
+def test_answer_substring_skip():
+    # positive "3" is a substring of negative answers "13" and "3.5": skipped; "4" and unparseable kept.
+    pairs, skipped = build(["Final answer: 3", "Final answer: 13", "Final answer: 3.5", "Final answer: 4",
+                            "it is 3 maybe"])
+    assert skipped["answer_in_rejected"] == 2
+    assert sorted(p.rejected for p in pairs) == ["Final answer: 4", "it is 3 maybe"]  # text mentioning 3 is kept
+
+
+def test_all_correct_all_wrong_and_empty():
+    pairs, skipped = build(["Final answer: 3", "So: Final answer: 3."])
+    assert pairs == [] and skipped == Counter(all_correct=1)
+    pairs, skipped = build(["Final answer: 2", "garbage", "garbage"])
+    assert pairs == [] and skipped == Counter(all_wrong=1, duplicate_response=1)
+    pairs, skipped = build([])
+    assert pairs == [] and skipped == Counter(no_samples=1)
+    pairs, skipped = build(["Final answer: 3", "Final answer: 33"])
+    assert pairs == [] and skipped == Counter(answer_in_rejected=1, no_pairs_left=1)
+
+
+def test_cap_is_a_seeded_choice():
+    texts = [f"v{i} Final answer: 3" for i in range(4)] + [f"Final answer: {i}" for i in range(4, 9)]  # 4 x 5 = 20
+    pairs, skipped = build(texts, max_pairs=15, seed=11)
+    assert len(pairs) == 15 and skipped == Counter(over_cap=5)
+    again, _ = build(list(reversed(texts)), max_pairs=15, seed=11)  # rollouts are ordered by sample_index
+    assert [p.pair_id for p in build(texts, max_pairs=15, seed=11)[0]] == [p.pair_id for p in pairs]
+    other, _ = build(texts, max_pairs=15, seed=12)
+    assert {p.pair_id for p in other} != {p.pair_id for p in pairs}
+    assert len({p.pair_id for p in pairs}) == 15
+    assert len(again) == 15
+
+
+def test_label_rollout_and_no_gold():
+    r = label_rollout(ro(0, "thinking\nFinal answer: 1,234"), "1234")
+    assert r.final_answer == "1,234" and r.correct is True
+    assert label_rollout(ro(0, "nothing"), "3").correct is False
+    assert label_rollout(ro(0, "Final answer: 2"), None).correct is None
+    with pytest.raises(ValueError):
+        correctness_pairs({**PROMPT, "answer": None}, [], max_pairs=1, round=0, policy_version=0, rng_seed=0)
+
+
+def test_dedupe_keeps_first_by_sample_index():
+    kept, n = dedupe_rollouts([ro(2, "a"), ro(0, "a"), ro(1, "b")])
+    assert [r.sample_index for r in kept] == [0, 1] and n == 1
+
+
+def test_derive_seed_stable_and_bounded():
+    assert derive_seed(0, "round", 1, "p") == derive_seed(0, "round", 1, "p")
+    assert derive_seed(0, "round", 1, "p") != derive_seed(0, "round", 2, "p")
+    assert 0 <= derive_seed("x") < 2**31
+
+
+# ---------------------------------------------------------------------------------------------- Dropout-NTP
+
+def test_ntp_prefix_word_ratio_keeps_spacing():
+    assert ntp_prefix("a b c d", 0.5) == "a b"
+    assert ntp_prefix("one  two\nthree four five", 0.5) == "one  two"  # int(5 * 0.5) = 2 words, spacing kept
+    assert ntp_prefix("  lead x y z", 0.75) == "  lead x y"
+    assert ntp_prefix("single", 0.5) == ""
+    assert ntp_prefix("", 0.5) == ""
+    with pytest.raises(ValueError):
+        ntp_prefix("a b", 1.0)
+
+
+def test_ntp_chosen_filters_truncated_short_and_caps():
+    rollouts = [ro(0, "3 red and 2 blue shapes."), ro(1, "3 red and 2 blue shapes."), ro(2, "x"),
+                ro(3, "cut off here and", finish="length"), ro(4, "1 green shape."), ro(5, "2 red shapes.")]
+    picked, skipped = ntp_chosen(rollouts, max_pairs=2, ratio=0.5, rng_seed=0)
+    assert skipped == Counter(duplicate_response=1, empty_prefix=1, truncated_chosen=1, over_cap=1)
+    assert len(picked) == 2
+    for r, prefix in picked:
+        assert r.text.startswith(prefix) and prefix == ntp_prefix(r.text, 0.5)
+
+
+def test_ntp_request_has_no_image_and_ends_with_prefix():
+    templated = render_chat_template(CHAT_TEMPLATE, text_only_messages("Describe the image."))
+    assert templated == "User: Describe the image.<end_of_utterance>\nAssistant: "
+    req = ntp_continuation_request("Describe the image.", "3 red", templated_prompt=templated, temperature=1.0,
+                                   top_p=1.0, max_tokens=32, seed=5)
+    assert req["prompt"] == templated + "3 red" and req["images"] == [] and "<image>" not in req["prompt"]
+    assert (req["n"], req["temperature"], req["top_p"], req["max_tokens"], req["seed"]) == (1, 1.0, 1.0, 32, 5)
+    with pytest.raises(ValueError):
+        ntp_continuation_request("q", "p", templated_prompt="User: <image>q", temperature=1.0, top_p=1.0,
+                                 max_tokens=8, seed=0)
+
+
+def test_ntp_pair_fields():
+    row = {"id": "o1", "question": "Describe the image.", "images": [b"img"], "answer": None, "kind": "open"}
+    p = ntp_pair(row, "3 red and 2 blue shapes.", "3 red and", " 4 green.", round=1, policy_version=2)
+    assert p.kind == "dropout_ntp" and p.rejected == "3 red and 4 green." and p.ntp_prefix == "3 red and"
+    assert p.chosen == "3 red and 2 blue shapes." and p.images == [b"img"] and p.chosen_correct is None
+    assert p.pair_id == PreferencePair.make_id("o1", "dropout_ntp", p.chosen, p.rejected)
+    assert ntp_pair(row, "3 red and 2 blue.", "3 red and", " 2 blue. ", round=0, policy_version=0) is None
+    with pytest.raises(ValueError):
+        ntp_pair(row, "abc", "xyz", "", round=0, policy_version=0)
+
+
+def test_prompt_renderer_from_template_string_pickles():
+    import pickle
+
+    from mpo_online.pairs import PromptRenderer
+
+    r = pickle.loads(pickle.dumps(PromptRenderer(chat_template=CHAT_TEMPLATE)))
+    assert r(text_only_messages("Q?")) == "User: Q?<end_of_utterance>\nAssistant: "
+    with pytest.raises(ValueError):
+        PromptRenderer()
+
+
+def test_split_template_verbatim_and_not():
+    from mpo_online.pairs import PromptRenderer, split_template
+
+    head, tail = split_template(PromptRenderer(chat_template=CHAT_TEMPLATE))
+    assert (head, tail) == ("User: ", "<end_of_utterance>\nAssistant: ")
+    trimming = "{% for m in messages %}U: {{ m['content'][0]['text'] | upper }}{% endfor %}A:"
+    assert split_template(PromptRenderer(chat_template=trimming)) is None
