@@ -53,23 +53,26 @@ def main(argv=None) -> int:
     t0 = time.time() - reporter.wall_seconds_so_far()
 
     # --- setup: Ray, the warm-start policy (v0), prompts, the Serve app on the newest swapped policy --------------
-    from mpo_online.data import load_prompts, read_prompts
+    from mpo_online.data import load_prompts, to_ray_dataset
     from mpo_online.evaluate import evaluate
     from mpo_online.rollout_pipeline import run_round
     from mpo_online.trainer import train_policy
     from mpo_online.warm_start import warm_start_from_config
-    from serving.app import start_policy_server
+    from serving.app import serving_kwargs, start_policy_server, stop_policy_server
 
     connect_ray(cfg.resources)
     progress.update(0, "warm-start")
     warm = warm_start_from_config(cfg, force=True, evaluate_offline=False)  # run dir already checked above
-    prompts, quarantine = read_prompts(f"{warm['data']}/train.parquet",
-                                       quarantine_path=run.root / "prompts_rejects.jsonl")
+    train_rows, quarantine = load_prompts(f"{warm['data']}/train.parquet",
+                                          quarantine_path=run.root / "prompts_rejects.jsonl")
+    prompts = to_ray_dataset(train_rows)
     heldout = load_prompts(f"{warm['data']}/heldout.parquet", quarantine_path=run.root / "heldout_rejects.jsonl")[0]
+    progress.update(0, "serve", f"starting {cfg.serving.replicas} replica(s)")
+    client = start_policy_server(str(run.policy_dir(0)), dtype=cfg.model.dtype,
+                                 **serving_kwargs(cfg.serving, cfg.resources))
     swapped = [r for r in range(1, cfg.loop.rounds + 1) if phase_at_least(run.manifest(r), "swapped")]
-    version = max(swapped, default=0)
-    progress.update(version, "serve", f"starting {cfg.serving.replicas} replica(s) on v{version}")
-    client = start_policy_server(str(run.policy_dir(version)), version=version, **serving_kwargs(cfg))
+    if swapped:  # resuming: serve the newest policy that had been swapped in, through the same publish protocol
+        client.publish(max(swapped), str(run.policy_dir(max(swapped))))
 
     def served_generate(requests):
         return [res["outputs"][0]["text"] if not res.get("error") else "" for res in client.generate(requests)]
@@ -98,10 +101,10 @@ def main(argv=None) -> int:
         if not phase_at_least(m, "pairs"):
             progress.update(r, "rollouts")
             t = time.time()
-            stats = run_round(prompts, client=client, round=r, policy_version=r - 1, out_dir=str(rdir),
+            stats = run_round(prompts, client=client, round=r, policy_version=r - 1, out_dir=str(run.root / "rounds"),
                               policy_dir=str(run.policy_dir(r - 1)), seed=m.seeds["rollout"],
                               **rollout_kwargs(cfg))
-            m.stats["pairs"] = stats
+            m.stats["pairs"] = stats.to_dict()
             m.seconds["rollout"] = time.time() - t
             for name in ("pairs.parquet", "rollouts.parquet"):
                 run.record_file(m, rdir / name)
@@ -110,18 +113,25 @@ def main(argv=None) -> int:
 
         # 2. MPO update on this round's pairs (Ray Train + DeepSpeed); reference = warm start or last round's policy
         if not phase_at_least(m, "trained"):
-            progress.update(r, "train", f"{sum(m.stats['pairs'].get('pairs_by_kind', {}).values())} pairs")
+            progress.update(r, "train", f"{sum(m.stats['pairs'].get('pairs', {}).values())} pairs")
             t = time.time()
             prev = run.manifest(r - 1) if r > 1 else None
-            data_path, objective, weights = training_data(cfg, rdir)
-            ref = None if objective == "sft" else run.policy_dir(0 if cfg.mpo.reference == "initial" else r - 1)
-            result = train_policy(
-                data_path, policy_dir=str(run.policy_dir(r - 1)), out_dir=str(run.policy_dir(r)),
-                ref_dir=None if ref is None else str(ref), objective=objective, weights=weights, beta=cfg.mpo.beta,
-                delta_state=prev.delta if prev else None, storage_dir=str((rdir / "train").resolve()),
-                run_name=f"round_{r:04d}", **trainer_kwargs(cfg, m.seeds["train"]))
-            m.delta = result.delta_state
-            m.stats["train"] = result.metrics
+            data_path, n_rows, objective = training_data(cfg, rdir, {row["id"]: row for row in train_rows})
+            if n_rows < cfg.trainer.global_batch_size:  # not one optimizer step of data: keep the policy as it is
+                copy_policy(run.policy_dir(r - 1), run.policy_dir(r))
+                m.delta = prev.delta if prev else {}
+                m.stats["train"] = {"skipped": f"{n_rows} training rows < one global batch"}
+            else:
+                ref = None if objective in ("sft", "rft") else \
+                    run.policy_dir(0 if cfg.mpo.reference == "initial" else r - 1)
+                result = train_policy(
+                    data_path, policy_dir=str(run.policy_dir(r - 1)), out_dir=str(run.policy_dir(r)),
+                    ref_dir=None if ref is None else str(ref), objective=objective, weights=cfg.mpo.weights(),
+                    beta=cfg.mpo.beta, delta_state=prev.delta if prev else None,
+                    storage_dir=str((rdir / "train").resolve()), run_name=f"round_{r:04d}",
+                    **trainer_kwargs(cfg, m.seeds["train"]))
+                m.delta = result.delta_state
+                m.stats["train"] = result.metrics
             m.seconds["train"] = time.time() - t
             m.phase = "trained"
             run.save_manifest(m)
@@ -158,19 +168,11 @@ def main(argv=None) -> int:
     progress.close()
     if args.keep_serving or cfg.loop.keep_serving:
         print(f"serving the final policy at http://127.0.0.1:{cfg.serving.port}/v1 (Ctrl-C to stop)", flush=True)
-        client.wait_forever()
+        while True:
+            time.sleep(3600)
     else:
-        client.shutdown()
+        stop_policy_server(client.app_name)
     return 0
-
-
-def serving_kwargs(cfg) -> dict:
-    s, res = cfg.serving, cfg.resources
-    return dict(model_id=s.model_id, replicas=s.replicas, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
-                kv_cache_gb=s.kv_cache_gb, enforce_eager=s.enforce_eager, tensor_parallel_size=s.tensor_parallel_size,
-                device=s.device, gpu_memory_utilization=s.gpu_memory_utilization, port=s.port,
-                admin_token=s.admin_token, max_image_bytes=s.max_image_bytes, max_prompt_chars=s.max_prompt_chars,
-                dtype=cfg.model.dtype, replica_cpus=res.serve_replica_cpus, replica_gpus=res.serve_replica_gpus)
 
 
 def rollout_kwargs(cfg) -> dict:
@@ -178,7 +180,8 @@ def rollout_kwargs(cfg) -> dict:
     return dict(samples_per_prompt=ro.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
                 max_tokens=ro.max_tokens, prompts_per_round=ro.prompts_per_round,
                 max_pairs_per_prompt=pa.max_pairs_per_prompt, ntp_prefix_ratio=pa.ntp_prefix_ratio,
-                dropout_ntp=pa.dropout_ntp, cot_instruction=cfg.data.cot_instruction)
+                dropout_ntp=pa.dropout_ntp, cot_instruction=cfg.data.cot_instruction,
+                data_cpus=cfg.resources.data_cpus)
 
 
 def trainer_kwargs(cfg, seed: int) -> dict:
@@ -191,13 +194,28 @@ def trainer_kwargs(cfg, seed: int) -> dict:
                 num_workers=res.train_workers, worker_cpus=res.train_worker_cpus, worker_gpus=res.train_worker_gpus)
 
 
-def training_data(cfg, rdir) -> tuple[str, str, tuple]:
-    """What this round trains on: pairs for the preference objectives, correct samples for RFT (SFT on them)."""
-    objective = cfg.mpo.objective
-    if objective == "rft":
-        from mpo_online.rollout_pipeline import write_rft_examples
-        return write_rft_examples(str(rdir)), "sft", (0.0, 0.0, 1.0)
-    return str(rdir / "pairs.parquet"), "mpo", cfg.mpo.weights()
+def training_data(cfg, rdir, prompts_by_id: dict) -> tuple[str, int, str]:
+    """(parquet path, rows, objective) this round trains on: the pairs, or for RFT its correct samples (as SFT)."""
+    import pyarrow.parquet as pq
+    if cfg.mpo.objective != "rft":
+        path = rdir / "pairs.parquet"
+        return str(path), pq.read_metadata(path).num_rows, cfg.mpo.objective
+    from mpo_online.pairs import rft_examples
+    from mpo_online.records import pairs_to_table, write_parquet_atomic
+    examples = rft_examples(pq.read_table(rdir / "rollouts.parquet").to_pylist(), prompts_by_id,
+                            max_per_prompt=cfg.pairs.max_pairs_per_prompt, cot_instruction=cfg.data.cot_instruction)
+    path = rdir / "rft_examples.parquet"
+    write_parquet_atomic(pairs_to_table(examples), path)
+    return str(path), len(examples), "rft"
+
+
+def copy_policy(src, dst) -> None:
+    """Version r = version r-1's weights (a round without enough data); copied to a temp dir, then renamed."""
+    import shutil
+    tmp = dst.with_name(dst.name + ".tmp-copy")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tmp.rename(dst)
 
 
 if __name__ == "__main__":

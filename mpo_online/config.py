@@ -160,6 +160,7 @@ class RunConfig(_Section):
         data = self.model_dump(mode="json")
         data["loop"].pop("keep_serving", None)  # serving after the last round does not change the run
         data["loop"].pop("rounds", None)  # extending a run with more rounds is allowed
+        data["loop"].pop("run_dir", None)  # a run directory may be moved or copied
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

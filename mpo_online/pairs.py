@@ -289,3 +289,27 @@ def ntp_pair(prompt_row: dict, chosen_text: str, prefix: str, continuation: str,
         prompt_id=prompt_row["id"], kind="dropout_ntp", question=prompt_row["question"],
         images=list(prompt_row.get("images") or []), chosen=chosen_text, rejected=rejected, round=round,
         policy_version=policy_version, gold_answer=prompt_row.get("answer"), ntp_prefix=prefix)
+
+
+def rft_examples(rollout_rows: list[dict], prompts_by_id: dict[str, dict], *, max_per_prompt: int,
+                 cot_instruction: str = "") -> list[PreferencePair]:
+    """The rejection-sampling baseline's data: SFT examples from correct samples (distinct texts, capped per prompt).
+
+    `rollout_rows` are a round's rollouts.parquet rows (verdict in `correct`); continuations are not samples.
+    """
+    seen: dict[str, set] = {}
+    out = []
+    for r in rollout_rows:
+        prompt = prompts_by_id.get(r["prompt_id"])
+        if not r.get("correct") or r.get("source") != "rollout" or prompt is None:
+            continue
+        texts = seen.setdefault(r["prompt_id"], set())
+        if r["text"] in texts or len(texts) >= max_per_prompt:
+            continue
+        texts.add(r["text"])
+        out.append(PreferencePair(
+            pair_id=PreferencePair.make_id(r["prompt_id"], "sft", r["text"], None), prompt_id=r["prompt_id"],
+            kind="sft", question=prompt["question"] + cot_instruction, images=list(prompt["images"]),
+            chosen=r["text"], rejected=None, round=int(r["round"]), policy_version=int(r["policy_version"]),
+            gold_answer=prompt.get("answer"), chosen_answer=r.get("final_answer"), chosen_correct=True))
+    return out

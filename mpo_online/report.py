@@ -128,7 +128,7 @@ def render_markdown(summary: dict) -> str:
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rounds"]:
         ev, pairs, train = r.get("eval", {}), r.get("pairs", {}), r.get("train", {})
-        n_pairs = sum((pairs.get("pairs_by_kind") or {}).values()) if pairs else 0
+        n_pairs = sum((pairs.get("pairs") or {}).values()) if pairs else 0
         loss = train.get("loss")
         lines.append(
             f"| {r['round']} | v{r['policy_version']} | {_pct(ev.get('accuracy_cot'))} | "

@@ -71,7 +71,7 @@ def test_atomic_json_leaves_no_temp_files(tmp_path):
 def _entry(r, acc):
     return {"round": r, "policy_version": r, "eval": {"accuracy_cot": acc, "accuracy_direct": acc / 2,
                                                       "format_failure_rate": 0.1},
-            "pairs": {"pairs_by_kind": {"correctness": 10 * r, "dropout_ntp": r}},
+            "pairs": {"pairs": {"correctness": 10 * r, "dropout_ntp": r}},
             "train": {"loss": 0.5, "delta": 0.01}, "seconds": {"total": 12.0}}
 
 
