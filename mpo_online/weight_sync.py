@@ -110,6 +110,10 @@ class PolicyRegistry:
         return self._desired["gen"]
 
     def set_version(self, version: int, source: dict) -> int:
+        # Re-publishing the published version from the same checkpoint is a no-op, so a resumed driver can repeat
+        # its last publish (the registry is detached and outlives a killed driver). Anything else must move forward.
+        if version == self._desired["version"] and "path" in source and source == self._desired["source"]:
+            return self._desired["gen"]
         if version <= self._desired["version"]:
             raise ValueError(f"version {version} is not newer than the published {self._desired['version']}")
         gen = self._bump(version=int(version), source=source)

@@ -138,6 +138,8 @@ def test_late_replica_starts_at_latest_version_and_pause_holds_requests():
         assert await asyncio.wait_for(waiter, 2) == 2
         with pytest.raises(ValueError):
             reg.set_version(2, {"path": "c"})  # versions only move forward
+        gen = reg.status()["desired"]["gen"]
+        assert reg.set_version(2, {"path": "b"}) == gen  # re-publishing the same checkpoint is a no-op (resume)
         await sync.stop()
 
     asyncio.run(main())
