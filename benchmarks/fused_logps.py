@@ -22,12 +22,16 @@ Usage:
   python benchmarks/fused_logps.py --chunks 256,512,1024,2048   # tune the fused chunk size
 Targets for fused/plain: memory <= 0.25x, time <= 1.2x (stretch <= 0.1x and <= 1.0x).
 
-Measured here (2 EPYC vCPUs, torch 2.13 CPU, other jobs running; best of 2 interleaved rounds):
-  plain            19.6 s (cpu 37.7 s)  7,145 MB
-  ckpt   1024      28.8 s  1.47x        2,513 MB  0.352x
-  fused  1024      21.4 s  1.09x        1,576 MB  0.221x   (cpu time 1.12x)
-  fused0 1024      23.6 s  1.20x        1,154 MB  0.161x
-  fused0  256      24.5 s  1.25x          708 MB  0.099x
+Measured here (2 EPYC vCPUs, torch 2.13 CPU; best of 2 interleaved rounds, the better round at
+load ~1.5). Wall time swings with other jobs on the machine; the CPU-time ratios held steady over
+two full runs and a 1-thread tuning run (fused 1.07-1.12x, fused0/1024 1.21-1.26x, fused0/256
+1.29-1.32x).
+  variant chunk   wall     ratio   cpu ratio  peak extra  ratio
+  plain      -    21.9 s   1.00x   1.00x      7,145 MB    1.000x
+  ckpt    1024    30.9 s   1.41x   1.42x      2,513 MB    0.352x
+  fused   1024    22.4 s   1.02x   1.07x      1,576 MB    0.221x
+  fused0  1024    23.7 s   1.09x   1.21x      1,154 MB    0.161x
+  fused0   256    (noisy)          1.29x        708 MB    0.099x
 """
 
 from __future__ import annotations
