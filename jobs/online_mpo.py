@@ -105,11 +105,9 @@ def main(argv=None) -> int:
                               policy_dir=str(run.policy_dir(r - 1)), seed=m.seeds["rollout"],
                               **rollout_kwargs(cfg))
             m.stats["pairs"] = stats.to_dict()
-            m.seconds["rollout"] = time.time() - t
             for name in ("pairs.parquet", "rollouts.parquet"):
                 run.record_file(m, rdir / name)
-            m.phase = "pairs"
-            run.save_manifest(m)
+            run.advance(m, "pairs", rollout=time.time() - t)
 
         # 2. MPO update on this round's pairs (Ray Train + DeepSpeed); reference = warm start or last round's policy
         if not phase_at_least(m, "trained"):
@@ -132,27 +130,21 @@ def main(argv=None) -> int:
                     **trainer_kwargs(cfg, m.seeds["train"]))
                 m.delta = result.delta_state
                 m.stats["train"] = result.metrics
-            m.seconds["train"] = time.time() - t
-            m.phase = "trained"
-            run.save_manifest(m)
+            run.advance(m, "trained", train=time.time() - t)
 
         # 3. hot-swap: every replica serves version r before the round goes on
         if not phase_at_least(m, "swapped"):
             progress.update(r, "swap")
             t = time.time()
             client.publish(r, str(run.policy_dir(r)))
-            m.seconds["swap"] = time.time() - t
-            m.phase = "swapped"
-            run.save_manifest(m)
+            run.advance(m, "swapped", swap=time.time() - t)
 
         # 4. evaluate the served policy on the held-out set (greedy; CoT and direct answer)
         if not phase_at_least(m, "evaluated"):
             progress.update(r, "eval")
             t = time.time()
             m.stats["eval"] = evaluate_served()
-            m.seconds["eval"] = time.time() - t
-            m.phase = "evaluated"
-            run.save_manifest(m)
+            run.advance(m, "evaluated", eval=time.time() - t)
 
         # 5. record
         m.seconds["total"] = sum(m.seconds.get(k, 0.0) for k in ("rollout", "train", "swap", "eval"))
@@ -160,8 +152,7 @@ def main(argv=None) -> int:
                                "pairs": m.stats["pairs"], "train": {**m.stats["train"], "delta": m.delta},
                                "seconds": m.seconds}, time.time() - t0)
         progress.last_accuracy = m.stats["eval"]["accuracy_cot"]
-        m.phase = "done"
-        run.save_manifest(m)
+        run.advance(m, "done")
 
     # --- cleanup ----------------------------------------------------------------------------------------------------
     progress.update(cfg.loop.rounds, "done", f"-> {run.root / 'summary.json'}")

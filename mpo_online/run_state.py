@@ -100,6 +100,12 @@ class RunDir:
         tmp.write_text(m.to_json())
         os.replace(tmp, self.round_dir(m.round) / "manifest.json")
 
+    def advance(self, m: RoundManifest, phase: str, **seconds: float) -> None:
+        """Record a finished phase (and how long its steps took) in the manifest, durably."""
+        m.seconds.update(seconds)
+        m.phase = phase
+        self.save_manifest(m)
+
     def verify_files(self, m: RoundManifest) -> list[str]:
         """Files named in a manifest that are missing or whose checksum changed (a run dir tampered with)."""
         bad = []

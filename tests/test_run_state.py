@@ -30,8 +30,8 @@ def test_manifest_round_trip_and_phase_order(tmp_path):
     assert back == m
     assert phase_at_least(back, "started") and phase_at_least(back, "pairs") and not phase_at_least(back, "trained")
     assert PHASES[-1] == "done" and not run.completed_rounds()
-    back.phase = "done"
-    run.save_manifest(back)
+    run.advance(back, "done", eval=1.5)
+    assert run.manifest(1).phase == "done" and run.manifest(1).seconds == {"eval": 1.5}
     assert [x.round for x in run.completed_rounds()] == [1]
 
 
