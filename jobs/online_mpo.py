@@ -22,7 +22,7 @@ import time
 from mpo_online.config import load_config
 from mpo_online.records import RoundManifest
 from mpo_online.report import Progress, Reporter
-from mpo_online.run_state import RunDir, phase_at_least
+from mpo_online.run_state import RunDir, RunDirError, phase_at_least
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,6 +94,10 @@ def main(argv=None) -> int:
                                              seeds={"rollout": cfg.rollout.seed + r, "train": cfg.trainer.seed + r})
         if phase_at_least(m, "done"):
             continue
+        changed = run.verify_files(m)  # resuming past a phase whose outputs were since changed would mix runs
+        if changed:
+            raise RunDirError(f"round {r}: {', '.join(changed)} changed since the manifest recorded it; restore it "
+                              f"or delete {run.round_dir(r)} to redo the round")
         run.save_manifest(m)
         rdir = run.round_dir(r)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 from mpo_online.config import RunConfig, dump_config
@@ -81,10 +80,6 @@ class RunDir:
         d = self.policy_dir(version)
         return (d / "config.json").exists() and any(d.glob("*.safetensors"))
 
-    def latest_policy_version(self) -> int | None:
-        versions = [int(p.name[1:]) for p in (self.root / "policies").glob("v[0-9]*") if self.has_policy(int(p.name[1:]))]
-        return max(versions) if versions else None
-
     # --- rounds ---------------------------------------------------------------------------------------------------
     def round_dir(self, r: int) -> Path:
         d = self.root / "rounds" / f"round_{r:04d}"
@@ -118,17 +113,3 @@ class RunDir:
     def record_file(self, m: RoundManifest, path: str | Path, digest: str | None = None) -> None:
         path = Path(path)
         m.files[str(path.relative_to(self.root))] = digest or sha256_file(path)
-
-    def completed_rounds(self) -> list[RoundManifest]:
-        out = []
-        for d in sorted((self.root / "rounds").glob("round_[0-9]*")):
-            m = self.manifest(int(d.name.split("_")[1]))
-            if phase_at_least(m, "done"):
-                out.append(m)
-        return out
-
-    def clear_round_outputs(self, r: int, keep: tuple[str, ...] = ("manifest.json", "train")) -> None:
-        """Remove a half-done phase's leftovers (temp files) before redoing it."""
-        for p in self.round_dir(r).iterdir():
-            if p.name not in keep and ".tmp-" in p.name:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
