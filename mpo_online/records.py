@@ -103,7 +103,8 @@ def message_text(messages: list[dict]) -> str:
 
 # --- Arrow ---------------------------------------------------------------------------------------------------------
 
-def _schemas():
+def pair_schema():
+    """The Arrow schema of a pairs file (and of SFT example files)."""
     import pyarrow as pa
     part = pa.struct([("type", pa.string()), ("text", pa.string())])
     messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.list_(part))]))
@@ -120,10 +121,6 @@ def _schemas():
         "images": {"feature": {"_type": "Image"}, "_type": "Sequence"},
     }}}
     return pair.with_metadata({"huggingface": json.dumps(hf)})
-
-
-def pair_schema():
-    return _schemas()
 
 
 def pair_to_row(p: PreferencePair) -> dict:
@@ -159,6 +156,16 @@ def pairs_to_table(pairs: list[PreferencePair]):
 
 def table_to_pairs(table) -> list[PreferencePair]:
     return [row_to_pair(r) for r in table.to_pylist()]
+
+
+def write_text_atomic(path, text: str) -> str:
+    """Write `text` to `path` via a temp file + rename (a killed write never looks whole). Returns the sha256."""
+    import os
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_parquet_atomic(table, path) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,8 @@ import pyarrow as pa
 from mpo_online.pairs import (correctness_pairs, derive_seed, label_rollout, ntp_chosen, ntp_continuation_request,
                               ntp_pair, PromptRenderer, sample_round_prompts, split_template,
                               text_only_messages)
-from mpo_online.records import (PreferencePair, Rollout, openai_messages, pairs_to_table, write_parquet_atomic)
+from mpo_online.records import (PreferencePair, Rollout, openai_messages, pairs_to_table, write_parquet_atomic,
+                                 write_text_atomic)
 
 WORK_SCHEMA = pa.schema([
     ("id", pa.string()), ("kind", pa.string()), ("question", pa.string()),
@@ -308,14 +308,6 @@ def _continuations(batch: pa.Table, *, client, template: tuple[str, str] | None,
 
 # ------------------------------------------------------------------------------------------------------ driver
 
-def _write_text_atomic(path: Path, text: str) -> str:
-    import hashlib
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return round(sum(values) / len(values), 3) if values else None
@@ -395,7 +387,7 @@ def run_round(prompts_ds, *, client, round: int, policy_version: int, out_dir, s
     stats.seconds["stage_active"] = {st: _round(interval_union(v), 3) for st, v in sorted(spans.items())}
     stats.seconds["stage_window"] = {st: [_round(min(a for a, _ in v) - t_start, 3),
                                           _round(max(b for _, b in v) - t_start, 3)] for st, v in sorted(spans.items())}
-    stats.files["pairs_stats.json"] = _write_text_atomic(Path(out_dir) / f"round_{round:04d}" / "pairs_stats.json",
+    stats.files["pairs_stats.json"] = write_text_atomic(Path(out_dir) / f"round_{round:04d}" / "pairs_stats.json",
                                                          json.dumps(stats.to_dict(), indent=1) + "\n")
     if rows and not stats.samples:
         raise RuntimeError(f"round {round}: no prompt got a generation; see {out_dir}/round_{round:04d}/rejects.jsonl")
@@ -457,6 +449,6 @@ def _collect(rows: dict, duplicates: list, chosen: list, rdir: Path, round: int,
     table = pa.Table.from_pylist([{k: r.get(k) for k in ROLLOUT_SCHEMA.names} for r in samples + conts],
                                  schema=ROLLOUT_SCHEMA)
     stats.files["rollouts.parquet"] = write_parquet_atomic(table, rdir / "rollouts.parquet")
-    stats.files["rejects.jsonl"] = _write_text_atomic(
+    stats.files["rejects.jsonl"] = write_text_atomic(
         rdir / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     return stats

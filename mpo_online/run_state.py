@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from mpo_online.config import RunConfig, dump_config
-from mpo_online.records import RoundManifest
+from mpo_online.records import RoundManifest, write_text_atomic
 
 PHASES = ("started", "pairs", "trained", "swapped", "evaluated", "done")
 
@@ -30,10 +29,7 @@ class RunDirError(RuntimeError):
 
 
 def write_json_atomic(path: str | Path, data) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -91,9 +87,7 @@ class RunDir:
         return RoundManifest.from_json(path.read_text()) if path.exists() else None
 
     def save_manifest(self, m: RoundManifest) -> None:
-        tmp = self.round_dir(m.round) / f".manifest.json.tmp-{os.getpid()}"
-        tmp.write_text(m.to_json())
-        os.replace(tmp, self.round_dir(m.round) / "manifest.json")
+        write_text_atomic(self.round_dir(m.round) / "manifest.json", m.to_json())
 
     def advance(self, m: RoundManifest, phase: str, **seconds: float) -> None:
         """Record a finished phase (and how long its steps took) in the manifest, durably."""
