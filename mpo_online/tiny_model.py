@@ -10,7 +10,9 @@ and `model.init_if_missing` is set. Nothing else in mpo-online assumes this mode
 
 Sizing (why these numbers):
 - Images are 64x64 px, patch 16 -> a 4x4 patch grid; the task generator draws one shape per 16 px cell, so one patch
-  sees one cell. Pixel shuffle with scale_factor 2 turns 16 patches into 4 image tokens of 4x64 features.
+  sees one cell. scale_factor 1 (no pixel shuffle) keeps one image token per cell: 16 tokens. With SmolVLM's 2 (4
+  cells per token) SFT on 2,000 tasks x 4 epochs reached 22% held-out accuracy (blind bound 19%); with one token per
+  cell and 16,000 fresh tasks, counting is learnt in ~1,000 steps (measured, README "The demo").
 - Text model: hidden 128, 2 heads of 64 (vLLM's CPU attention supports head sizes 32, 64, 80, ...; 16 fails at the
   first forward), 4 layers, MLP 512. With the vision tower this is ~1.1M parameters: a training step on a batch of
   ~150-token sequences takes milliseconds on 2 cores, and vLLM samples thousands of tokens per second.
@@ -75,7 +77,7 @@ def build_tokenizer():
 
 def build_model_dir(out: str | Path, *, text_only: bool = False, seed: int = 0, hidden: int = 128,
                     layers: int = 4, heads: int = 2, intermediate: int = 512, vision_hidden: int = 64,
-                    vision_layers: int = 2, image_size: int = 64, patch_size: int = 16, scale_factor: int = 2) -> Path:
+                    vision_layers: int = 2, image_size: int = 64, patch_size: int = 16, scale_factor: int = 1) -> Path:
     """Write a randomly initialised tiny policy to `out` and return the path.
 
     `hidden / heads` must be a head size vLLM's CPU attention supports (32, 64, 80, 96, 112, 128, ...).

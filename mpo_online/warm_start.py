@@ -9,6 +9,7 @@ Used by `mpo-online sft --config FILE` and by the recipe's setup (jobs/online_mp
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def ensure_tasks(path: str, *, generate_if_missing: bool, n_train: int, n_heldou
                  levels: list[int], max_count: int, open_fraction: float) -> Path:
     p = Path(path)
     if (p / "train.parquet").exists() and (p / "heldout.parquet").exists():
+        _check_task_params(p, n_train=n_train, n_heldout=n_heldout, seed=seed, levels=list(levels),
+                           max_count=max_count, open_fraction=open_fraction)
         return p
     if not generate_if_missing:
         raise FileNotFoundError(f"data.dir {p} has no train.parquet / heldout.parquet")
@@ -37,6 +40,19 @@ def ensure_tasks(path: str, *, generate_if_missing: bool, n_train: int, n_heldou
     write_task_splits(p, n_train=n_train, n_heldout=n_heldout, seed=seed, levels=tuple(levels),
                       max_count=max_count, open_fraction=open_fraction)
     return p
+
+
+def _check_task_params(p: Path, **want) -> None:
+    """Synthetic task dirs record their parameters (tasks.json): refuse one written with different ones, rather than
+    silently train and evaluate on data the config does not describe. Dirs without tasks.json are user data."""
+    info = p / "tasks.json"
+    if not info.exists():
+        return
+    have = json.loads(info.read_text()).get("params", {})
+    diff = {k: (have.get(k), v) for k, v in want.items() if k in have and have[k] != v}
+    if diff:
+        raise ValueError(f"{p} holds synthetic tasks generated with other parameters (have, config): {diff}; point "
+                         "data.dir at a new directory or delete this one to regenerate it")
 
 
 def sft_examples(rows: list[dict], *, cot_instruction: str, direct_instruction: str, direct_fraction: float,
@@ -58,8 +74,6 @@ def sft_examples(rows: list[dict], *, cot_instruction: str, direct_instruction: 
 
 def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool = True) -> dict:
     """Build/find model and data, SFT into `<run_dir>/policies/v0000`, and (optionally) evaluate it with vLLM."""
-    import json
-
     import ray
 
     from mpo_online.data import load_prompts

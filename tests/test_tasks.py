@@ -203,3 +203,19 @@ def test_write_task_splits_is_byte_identical_and_disjoint(tmp_path):
     rows, report = load_prompts(tmp_path / "a" / "train.parquet", quarantine_path=tmp_path / "q.jsonl")
     assert report.n_valid == 120 and report.n_quarantined == 0
     assert rows == tr_rows
+
+
+def test_ensure_tasks_reuses_matching_dir_and_refuses_a_stale_one(tmp_path):
+    """A task dir written with other parameters (e.g. an older n_train) is refused with the differing keys named,
+    instead of being silently reused; the same parameters reuse the files untouched."""
+    from mpo_online.warm_start import ensure_tasks
+
+    kw = dict(generate_if_missing=True, n_train=40, n_heldout=8, seed=3, levels=[1, 2], max_count=5,
+              open_fraction=0.15)
+    d = ensure_tasks(str(tmp_path / "t"), **kw)
+    before = (d / "train.parquet").read_bytes()
+    assert ensure_tasks(str(d), **kw) == d and (d / "train.parquet").read_bytes() == before
+    with pytest.raises(ValueError, match=r"n_train.*\(40, 80\)"):
+        ensure_tasks(str(d), **{**kw, "n_train": 80})
+    with pytest.raises(ValueError, match="levels"):
+        ensure_tasks(str(d), **{**kw, "levels": [1]})

@@ -45,7 +45,7 @@ def test_cli_builds_a_model_that_transformers_loads_and_runs_with_an_image(tmp_p
     Image.new("RGB", (64, 64), (255, 0, 0)).save(buf, "PNG")
     inputs = proc(text=[prompt], images=[[Image.open(buf)]], return_tensors="pt")
     tokens = proc.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
-    assert tokens.count("<image>") == 4  # 64 px / patch 16 = 4x4 patches, pixel shuffle 2 -> 4 image tokens
+    assert tokens.count("<image>") == 16  # 64 px / patch 16 = 4x4 patches, no pixel shuffle -> one token per cell
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 5  # it generates
 
