@@ -78,20 +78,23 @@ def test_batching_masks_prompt_tokens_exactly(models, rows):
     t = b.tensors
     assert b.n_pairs == 3 and t["input_ids"].shape[0] == 6 and tuple(t["pixel_values"].shape[:2]) == (6, 1)
     tok = col.tokenizer
-    # Prompt "User: <fake><global-img><image>x4<fake>How many i?<eou>\nAssistant: " with the char-level tokenizer:
-    # 6 + 7 image tokens + 11 + 1 + 1 + 11 = 37 tokens. Targets: the answer's characters + <end_of_utterance>.
+    # Prompt "User: <fake><global-img><image>xN<fake>How many i?<eou>\nAssistant: " with the char-level tokenizer:
+    # 6 + (N + 3) image tokens + 11 + 1 + 1 + 11 tokens; N = 16 for the tiny default (one token per grid cell).
+    # Targets: the answer's characters + <end_of_utterance>.
+    n_image = col.processor.image_seq_len
+    assert n_image == 16
+    n_prompt = 6 + n_image + 3 + 11 + 1 + 1 + 11
     for s, (i, answer) in enumerate([(0, "Final answer: 0"), (1, "Final answer: 1"), (2, "Final answer: 2"),
                                      (0, "Final answer: 3x"), (1, "Final answer: 4x"), (2, "Final answer: 5x")]):
         n = int(t["attention_mask"][s].sum())
         labels = t["labels"][s]
-        n_prompt = 37
         assert (labels[:n_prompt] == IGNORE_INDEX).all() and (labels[n:] == IGNORE_INDEX).all()
         assert tok.decode(labels[n_prompt:n]) == answer + "<end_of_utterance>"
         assert n - n_prompt == len(answer) + 1
         assert (labels[n_prompt:n] == t["input_ids"][s, n_prompt:n]).all()
         assert tok.decode(t["input_ids"][s, :n_prompt]).endswith(f"How many {i}?<end_of_utterance>\nAssistant: ")
     # chosen s and rejected 3 + s share the prompt (ids and image)
-    assert (t["input_ids"][0, :37] == t["input_ids"][3, :37]).all()
+    assert (t["input_ids"][0, :n_prompt] == t["input_ids"][3, :n_prompt]).all()
     assert (t["pixel_values"][0] == t["pixel_values"][3]).all()
     assert b.keys == ["p000", "p001", "p002"]
 
