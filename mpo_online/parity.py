@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from mpo_online.records import user_message
+from mpo_online.records import message_text, user_message
 
 KINDS = ("correctness_chosen", "correctness_rejected", "ntp_chosen", "ntp_continuation")
 
@@ -42,7 +42,7 @@ def _targets(batch, logps, s: int) -> tuple[list[int], list[float], list[int]]:
 
 
 def _score(collator, model, rows: list[dict], chunk: int = 8):
-    """Yield (row index, sequence index in its batch, batch, (S, T) trainer log-probs) over `rows` in chunks."""
+    """Yield (index of the chunk's first row, its PairBatch, (S, T) trainer log-probs) over `rows` in chunks."""
     import torch
 
     from mpo_online.trainer.logps import token_logps
@@ -54,6 +54,18 @@ def _score(collator, model, rows: list[dict], chunk: int = 8):
         yield i, batch, logps
 
 
+def _continuation_of(row: dict, samples: list[dict], conts: list[dict]) -> dict | None:
+    """The continuation record of a Dropout-NTP pair: the one requested for the pair's chosen sample (same prompt,
+    same sample index), if the pair's rejected ids are that sample's first k ids + the continuation's."""
+    index = next((r["sample_index"] for r in samples if r["token_ids"] == row["chosen_token_ids"]), None)
+    rej, chosen = row["rejected_token_ids"], row["chosen_token_ids"]
+    for c in conts:
+        k = len(rej) - len(c["token_ids"])
+        if c["sample_index"] == index and k > 0 and rej[k:] == c["token_ids"] and rej[:k] == chosen[:k]:
+            return c
+    return None
+
+
 def round_parity(round_dir, policy_dir, *, max_length: int = 2048, text_path: bool = True) -> dict:
     """The parity report of one round (see the module docstring)."""
     import pyarrow.parquet as pq
@@ -62,28 +74,30 @@ def round_parity(round_dir, policy_dir, *, max_length: int = 2048, text_path: bo
     from mpo_online.trainer.logps import load_model
 
     rdir = Path(round_dir)
-    rows = pq.read_table(rdir / "pairs.parquet").to_pylist()
+    everything = pq.read_table(rdir / "pairs.parquet").to_pylist()
+    rows = [r for r in everything if r.get("chosen_token_ids") and r.get("rejected_token_ids")]  # text-only: skip
     rollouts = pq.read_table(rdir / "rollouts.parquet").to_pylist()
     prompt_ids = {r["prompt_id"]: r["prompt_token_ids"] for r in rollouts if r["source"] == "rollout"}
-    conts = defaultdict(list)
+    by_source = {"rollout": defaultdict(list), "ntp_continuation": defaultdict(list)}  # source -> prompt id -> rows
     for r in rollouts:
-        if r["source"] == "ntp_continuation":
-            conts[r["prompt_id"]].append(r)
+        by_source[r["source"]][r["prompt_id"]].append(r)
     model = load_model(policy_dir)
     collator = PairCollator.from_pretrained(policy_dir, max_length=max_length, pairs=True)
     tok = collator.tokenizer
     dropped = {t for t in range(len(tok)) if tok.decode([t], skip_special_tokens=True) == ""}
 
     deltas = {k: [] for k in KINDS}
-    report = {"pairs": len(rows), "prompt_mismatches": 0, "target_mismatches": 0, "missing_engine_logprobs": 0,
-              "truncated_with_eos": 0, "pairs_with_dropped_tokens": 0, "pairs_truncated": 0}
+    report = {"pairs": len(rows), "pairs_without_ids": len(everything) - len(rows), "prompt_mismatches": 0,
+              "target_mismatches": 0, "missing_engine_logprobs": 0, "truncated_with_eos": 0,
+              "pairs_with_dropped_tokens": 0, "pairs_truncated": 0}
     seq_delta = {"ids": [], "text": []}  # per sequence |sum trainer - sum engine|, where the engine's sums exist
 
-    def compare(kind, engine_lps, trainer_lps):
+    def compare(kind, engine_lps, trainer_lps) -> bool:
         if engine_lps is None or len(engine_lps) != len(trainer_lps):
             report["missing_engine_logprobs"] += 1
-            return
+            return False
         deltas[kind].extend(abs(a - b) for a, b in zip(trainer_lps, engine_lps))
+        return True
 
     for i, batch, logps in _score(collator, model, rows):
         B = batch.n_pairs
@@ -92,14 +106,14 @@ def round_parity(round_dir, policy_dir, *, max_length: int = 2048, text_path: bo
             ntp = row["kind"] == "dropout_ntp"
             for s, side in ((b, "chosen"), (B + b, "rejected")):
                 ids, lps, prompt = _targets(batch, logps, s)
+                sampled, engine = row[f"{side}_token_ids"], row[f"{side}_logprobs"]
                 report["prompt_mismatches"] += prompt != prompt_ids.get(row["prompt_id"])
-                report["target_mismatches"] += ids != row[f"{side}_token_ids"]
-                report["truncated_with_eos"] += (ids[-1] in collator.eos_ids) != (row[f"{side}_token_ids"][-1]
-                                                                                 in collator.eos_ids)
+                report["target_mismatches"] += ids != sampled
+                report["truncated_with_eos"] += (ids[-1] in collator.eos_ids) != (sampled[-1] in collator.eos_ids)
                 if ntp and side == "rejected":
                     continue  # its engine log-probs were taken without the image: scored below
-                compare(("ntp_" if ntp else "correctness_") + side, row[f"{side}_logprobs"], lps)
-                seq_delta["ids"].append(abs(sum(lps) - sum(row[f"{side}_logprobs"])))
+                if compare(("ntp_" if ntp else "correctness_") + side, engine, lps):
+                    seq_delta["ids"].append(abs(sum(lps) - sum(engine)))
             sampled = row["chosen_token_ids"] + row["rejected_token_ids"]
             report["pairs_with_dropped_tokens"] += any(t in dropped for t in sampled if t not in collator.eos_ids)
             report["pairs_truncated"] += any(row[f"{w}_token_ids"][-1] not in collator.eos_ids
@@ -110,17 +124,14 @@ def round_parity(round_dir, policy_dir, *, max_length: int = 2048, text_path: bo
     for row in rows:
         if row["kind"] != "dropout_ntp":
             continue
-        rej = row["rejected_token_ids"]
-        match = [c for c in conts[row["prompt_id"]]
-                 if rej[len(rej) - len(c["token_ids"]):] == c["token_ids"]
-                 and rej[:len(rej) - len(c["token_ids"])] == row["chosen_token_ids"][:len(rej) - len(c["token_ids"])]]
-        if not match:
+        cont = _continuation_of(row, by_source["rollout"][row["prompt_id"]],
+                                by_source["ntp_continuation"][row["prompt_id"]])
+        if cont is None:
             report["missing_engine_logprobs"] += 1
             continue
-        question = "".join(p["text"] or "" for p in row["prompt"][0]["content"] if p["type"] == "text")
-        ntp_rows.append({"pair_id": row["pair_id"], "prompt": user_message(question, 0), "images": [],
-                         "chosen": row["rejected"], "chosen_token_ids": rej})
-        ntp_conts.append(match[0])
+        ntp_rows.append({"pair_id": row["pair_id"], "prompt": user_message(message_text(row["prompt"]), 0),
+                         "images": [], "chosen": row["rejected"], "chosen_token_ids": row["rejected_token_ids"]})
+        ntp_conts.append(cont)
     text_only = PairCollator.from_pretrained(policy_dir, max_length=max_length, pairs=False)
     for i, batch, logps in _score(text_only, model, ntp_rows):
         for b in range(batch.n_pairs):
@@ -137,8 +148,9 @@ def round_parity(round_dir, policy_dir, *, max_length: int = 2048, text_path: bo
             for b in range(B):
                 row = rows[i + b]
                 for s, side in ((b, "chosen"), (B + b, "rejected")):
-                    if row[f"{side}_logprobs"] is not None:
-                        seq_delta["text"].append(abs(sum(_targets(batch, logps, s)[1]) - sum(row[f"{side}_logprobs"])))
+                    engine = row[f"{side}_logprobs"]
+                    if engine is not None:
+                        seq_delta["text"].append(abs(sum(_targets(batch, logps, s)[1]) - sum(engine)))
 
     report["per_token"] = {k: _summary(v) for k, v in deltas.items()}
     report["per_token"]["all"] = _summary([d for v in deltas.values() for d in v])
