@@ -1,7 +1,6 @@
 """The MPO preference-data rules, as pure functions: which prompts a round samples, how sampled responses become
-correctness pairs, and how Dropout-NTP pairs are built. No Ray and no I/O (except `PromptRenderer`, which reads the
-policy's tokenizer files); mpo_online.rollout_pipeline runs these inside Ray Data stages, and tests/test_pairs.py
-checks them on hand-worked cases. Nothing here is launched directly.
+correctness pairs, and how Dropout-NTP pairs are built. No Ray and no I/O; mpo_online.rollout_pipeline runs these
+inside Ray Data stages, and tests/test_pairs.py checks them on hand-worked cases. Nothing here is launched directly.
 
 Rules (arXiv 2411.10442 and its reference data pipeline):
 - Correctness pairs, for prompts with a ground truth: a response whose final answer matches the gold answer is a
@@ -15,9 +14,17 @@ Rules (arXiv 2411.10442 and its reference data pipeline):
 - Dropout-NTP, for prompts without ground truth: chosen = a response sampled WITH the image; keep its first
   `ratio` of the words; the same policy continues that prefix WITHOUT the image; rejected = prefix + continuation.
 
-`skipped` counters use these keys (unit in brackets): duplicate_response [responses], all_correct / all_wrong /
-no_samples / no_pairs_left [prompts], answer_in_rejected / over_cap [candidate pairs], truncated_chosen /
-empty_prefix / ntp_same_as_chosen [Dropout-NTP chosen responses].
+Token ids: pairs carry the responses' sampled token ids and engine log-probs (mpo_online.records), so the prefix is
+cut on a token boundary: the first k tokens of the chosen response, k the number of tokens whose text makes up the
+word prefix exactly (from the engine's per-token text offsets); a prefix that ends inside a token is skipped. The
+continuation is requested from those k token ids, so rejected ids = chosen ids[:k] + continuation ids. A sampled
+response holding an input placeholder token (e.g. `<image>`) cannot be scored by the trainer, whose forward would
+take it for an image slot: such responses are left out of pairs.
+
+`skipped` counters use these keys (unit in brackets): duplicate_response / placeholder_token_in_response
+[responses], all_correct / all_wrong / no_samples / no_pairs_left [prompts], answer_in_rejected / over_cap
+[candidate pairs], truncated_chosen / empty_prefix / ntp_no_token_boundary / ntp_same_as_chosen [Dropout-NTP chosen
+responses].
 """
 
 from __future__ import annotations
@@ -101,6 +108,14 @@ def dedupe_rollouts(rollouts: list[Rollout]) -> tuple[list[Rollout], int]:
     return kept, len(rollouts) - len(kept)
 
 
+def drop_placeholder_samples(rollouts: list[Rollout], placeholder_ids) -> tuple[list[Rollout], int]:
+    """Rollouts whose token ids hold none of `placeholder_ids` (input-only tokens such as `<image>`), and how many
+    were dropped. Rollouts without token ids are kept."""
+    bad = set(placeholder_ids or ())
+    kept = [r for r in rollouts if not (bad and r.token_ids and bad.intersection(r.token_ids))]
+    return kept, len(rollouts) - len(kept)
+
+
 def _capped(candidates: list, max_pairs: int, rng_seed: int, skipped: Counter) -> list:
     """At most max_pairs candidates: a seeded choice, returned in candidate order (stable across reruns)."""
     if len(candidates) <= max_pairs:
@@ -152,7 +167,10 @@ def correctness_pairs(prompt_row: dict, rollouts: list[Rollout], *, max_pairs: i
             prompt_id=prompt_row["id"], kind="correctness", question=prompt_row["question"],
             images=list(prompt_row.get("images") or []), chosen=pos.text, rejected=neg.text, round=round,
             policy_version=policy_version, gold_answer=gold, chosen_answer=pos.final_answer,
-            rejected_answer=neg.final_answer, chosen_correct=True, rejected_correct=False))
+            rejected_answer=neg.final_answer, chosen_correct=True, rejected_correct=False,
+            # both were sampled under this very prompt (with the image): the engine's log-probs are pi(y | x)
+            chosen_token_ids=pos.token_ids, chosen_logprobs=pos.logprobs,
+            rejected_token_ids=neg.token_ids, rejected_logprobs=neg.logprobs))
     return pairs, skipped
 
 
@@ -171,13 +189,26 @@ def ntp_prefix(text: str, ratio: float) -> str:
     return text[: ends[keep - 1]] if keep else ""
 
 
+def prefix_token_count(rollout: Rollout, prefix: str) -> int | None:
+    """k such that the rollout's first k tokens make up exactly `prefix` (a prefix of its text), from its per-token
+    text offsets; the smallest such k (tokens without text right after the prefix belong to the continuation). None
+    when the prefix ends inside a token, or the rollout has no token offsets."""
+    if not rollout.text.startswith(prefix) or not rollout.text_offsets:
+        return None
+    for k, end in enumerate(rollout.text_offsets, start=1):
+        if end >= len(prefix):
+            return k if end == len(prefix) else None
+    return None
+
+
 def ntp_chosen(rollouts: list[Rollout], *, max_pairs: int, ratio: float,
-               rng_seed: int) -> tuple[list[tuple[Rollout, str]], Counter]:
-    """The (chosen rollout, prefix) Dropout-NTP pairs of one open prompt will be built from.
+               rng_seed: int) -> tuple[list[tuple[Rollout, str, int]], Counter]:
+    """The (chosen rollout, prefix, k prefix tokens) Dropout-NTP pairs of one open prompt will be built from.
 
     Unique responses only; a response cut off by the token limit is not a good "chosen" (skipped as
-    truncated_chosen); one too short to leave a non-empty prefix is skipped as empty_prefix; then at most max_pairs,
-    a seeded choice."""
+    truncated_chosen); one too short to leave a non-empty prefix is skipped as empty_prefix; one whose word prefix
+    is not a whole number of tokens (or without token offsets) as ntp_no_token_boundary; then at most max_pairs, a
+    seeded choice."""
     skipped: Counter = Counter()
     unique, n_dup = dedupe_rollouts(rollouts)
     if n_dup:
@@ -194,7 +225,11 @@ def ntp_chosen(rollouts: list[Rollout], *, max_pairs: int, ratio: float,
         if not prefix:
             skipped["empty_prefix"] += 1
             continue
-        candidates.append((r, prefix))
+        k = prefix_token_count(r, prefix)
+        if k is None:
+            skipped["ntp_no_token_boundary"] += 1
+            continue
+        candidates.append((r, prefix, k))
     if not candidates:
         skipped["no_pairs_left"] += 1
     return _capped(candidates, max_pairs, rng_seed, skipped), skipped
@@ -205,90 +240,42 @@ def text_only_messages(question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "text", "text": question}]}]
 
 
-def render_chat_template(template: str, messages: list[dict], **extra) -> str:
-    """Render a Hugging Face chat template string with the generation prompt, the way transformers does (sandboxed
-    jinja, trim_blocks + lstrip_blocks). For callers that have a template string and no tokenizer directory."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **extra)
-
-
-class PromptRenderer:
-    """messages -> templated prompt (generation prompt included), from a policy directory's tokenizer/processor or
-    a template string. The one helper here that reads files (the tokenizer, lazily, once per process); picklable,
-    so Ray workers rebuild it. Also counts tokens when it has a tokenizer."""
-
-    def __init__(self, policy_dir: str | None = None, chat_template: str | None = None):
-        if policy_dir is None and chat_template is None:
-            raise ValueError("Dropout-NTP needs the policy's chat template: pass policy_dir or chat_template")
-        self.policy_dir, self.chat_template, self._tok = policy_dir, chat_template, None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_tok": None}
-
-    def load(self):
-        """The tokenizer/processor (None with a template string); loaded once, on first use or on this call."""
-        if self._tok is None and self.policy_dir is not None:
-            from transformers import AutoProcessor, AutoTokenizer
-            # vLLM prefers the processor's chat template to the tokenizer's; so do we, to render the same prompt.
-            proc = AutoProcessor.from_pretrained(self.policy_dir)
-            self._tok = proc if getattr(proc, "chat_template", None) else AutoTokenizer.from_pretrained(self.policy_dir)
-        return self._tok
-
-    def __call__(self, messages: list[dict]) -> str:
-        if self.chat_template is not None:
-            return render_chat_template(self.chat_template, messages)
-        return self.load().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def count_tokens(self, text: str) -> int | None:
-        tok = self.load()
-        tok = getattr(tok, "tokenizer", tok)  # a processor wraps its tokenizer
-        return None if tok is None else len(tok(text, add_special_tokens=False)["input_ids"])
-
-
-def split_template(render) -> tuple[str, str] | None:
-    """(head, tail) with render(text_only_messages(q)) == head + q + tail for any question q, or None when the
-    template does not insert the question verbatim (e.g. it trims or escapes it). Lets the driver render the chat
-    template once, so Ray workers build continuation prompts with string concatenation and never load a tokenizer."""
-    probes = ["\x00mpo-question-a\x00", "Is it 7? Say\nwhy."]
-    rendered = [render(text_only_messages(q)) for q in probes]
-    head, sep, tail = rendered[0].partition(probes[0])
-    if not sep or head + probes[1] + tail != rendered[1]:
-        return None
-    return head, tail
-
-
-def ntp_continuation_request(question: str, prefix: str, *, templated_prompt: str, temperature: float, top_p: float,
+def ntp_continuation_request(question: str, prefix_token_ids: list[int], *, temperature: float, top_p: float,
                              max_tokens: int, seed: int) -> dict:
-    """The raw-prompt request asking the policy to continue `prefix` without the image.
+    """The request asking the policy to continue the chosen response's first tokens without the image.
 
-    `templated_prompt` is the chat template applied to `text_only_messages(question)` with the generation prompt
-    (it ends with the assistant header, e.g. "Assistant: "). No image travels with the request."""
-    if "<image>" in templated_prompt:
-        raise ValueError("the continuation prompt must be rendered without image placeholders")
-    return {"prompt": templated_prompt + prefix, "images": [], "n": 1, "temperature": temperature, "top_p": top_p,
-            "max_tokens": max_tokens, "seed": seed}
+    The server renders `text_only_messages(question)` with the generation prompt and appends `prefix_token_ids`
+    (serving.server `assistant_prefix_token_ids`): no image travels, and nothing is re-tokenized."""
+    return {"messages": text_only_messages(question), "assistant_prefix_token_ids": list(prefix_token_ids), "n": 1,
+            "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed, "logprobs": True,
+            "return_prompt_token_ids": True}
 
 
-def ntp_pair(prompt_row: dict, chosen_text: str, prefix: str, continuation: str, *, round: int,
-             policy_version: int) -> PreferencePair | None:
+def ntp_pair(prompt_row: dict, chosen: Rollout, prefix: str, continuation: str, *, round: int, policy_version: int,
+             prefix_tokens: int | None = None, continuation_token_ids: list[int] | None = None
+             ) -> PreferencePair | None:
     """A Dropout-NTP pair: chosen = the response sampled with the image; rejected = prefix + the image-less
-    continuation. `prompt_row["question"]` is the question as asked (instructions included).
+    continuation. `prompt_row["question"]` is the question as asked (instructions included). With the chosen's
+    token ids, `prefix_tokens` (k) and the continuation's ids, rejected ids = chosen ids[:k] + continuation ids;
+    the rejected's log-probs stay None (the continuation was sampled without the image: not this prompt's).
 
     None when the continuation reproduces the chosen response (compared stripped): such a pair carries no
     preference, and it happens whenever the image did not matter for the rest of the answer (callers count it as
     `ntp_same_as_chosen`)."""
-    if not chosen_text.startswith(prefix):
+    if not chosen.text.startswith(prefix):
         raise ValueError("prefix is not a prefix of the chosen response")
     rejected = prefix + continuation
-    if rejected.strip() == chosen_text.strip():
+    if rejected.strip() == chosen.text.strip():
         return None
+    rejected_ids = None
+    if chosen.token_ids is not None and prefix_tokens is not None and continuation_token_ids is not None:
+        rejected_ids = list(chosen.token_ids[:prefix_tokens]) + list(continuation_token_ids)
     return PreferencePair(
-        pair_id=PreferencePair.make_id(prompt_row["id"], "dropout_ntp", chosen_text, rejected),
+        pair_id=PreferencePair.make_id(prompt_row["id"], "dropout_ntp", chosen.text, rejected),
         prompt_id=prompt_row["id"], kind="dropout_ntp", question=prompt_row["question"],
-        images=list(prompt_row.get("images") or []), chosen=chosen_text, rejected=rejected, round=round,
-        policy_version=policy_version, gold_answer=prompt_row.get("answer"), ntp_prefix=prefix)
+        images=list(prompt_row.get("images") or []), chosen=chosen.text, rejected=rejected, round=round,
+        policy_version=policy_version, gold_answer=prompt_row.get("answer"), ntp_prefix=prefix,
+        chosen_token_ids=chosen.token_ids, chosen_logprobs=chosen.logprobs, rejected_token_ids=rejected_ids)
 
 
 def rft_examples(rollout_rows: list[dict], prompts_by_id: dict[str, dict], *, max_per_prompt: int,
@@ -311,5 +298,6 @@ def rft_examples(rollout_rows: list[dict], prompts_by_id: dict[str, dict], *, ma
             pair_id=PreferencePair.make_id(r["prompt_id"], "sft", r["text"], None), prompt_id=r["prompt_id"],
             kind="sft", question=prompt["question"] + cot_instruction, images=list(prompt["images"]),
             chosen=r["text"], rejected=None, round=int(r["round"]), policy_version=int(r["policy_version"]),
-            gold_answer=prompt.get("answer"), chosen_answer=r.get("final_answer"), chosen_correct=True))
+            gold_answer=prompt.get("answer"), chosen_answer=r.get("final_answer"), chosen_correct=True,
+            chosen_token_ids=r.get("token_ids"), chosen_logprobs=r.get("logprobs")))
     return out

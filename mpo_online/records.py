@@ -5,6 +5,12 @@ Stages: prompts (mpo_online.data.PROMPT_SCHEMA) -> `Rollout` (one sampled respon
 DPOTrainer reads: conversational `prompt` / `chosen` / `rejected` message lists and an `images` column in the
 Hugging Face `Image` feature layout ({bytes, path}), plus metadata columns. SFT examples (warm start, RFT baseline)
 use the same schema with an empty `rejected`.
+
+Token ids and engine log-probs: a response sampled by the engine keeps the token ids it was sampled as and the
+engine's log-prob of each (`Rollout.token_ids / logprobs`, `PreferencePair.chosen_token_ids / ...`), so the trainer
+scores exactly the sequence that was sampled instead of re-tokenizing its text (detokenization drops special tokens,
+and a response cut off by the token limit has no end-of-turn token). These fields are optional everywhere: None for
+text-only data (gold demonstrations, older pair files), which the trainer tokenizes from the text.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ class Rollout:
     finish_reason: str
     final_answer: str | None = None  # mpo_online.verify.extract_final_answer(text)
     correct: bool | None = None  # None: no ground truth
+    token_ids: list[int] | None = None  # as sampled (a final EOS included when generation stopped on it)
+    logprobs: list[float] | None = None  # per token: the engine's log pi(token | prompt, earlier tokens)
+    text_offsets: list[int] | None = None  # per token: where its text ends in `text` (special tokens add nothing)
 
 
 @dataclass
@@ -48,6 +57,12 @@ class PreferencePair:
     chosen_correct: bool | None = None
     rejected_correct: bool | None = None
     ntp_prefix: str | None = None  # Dropout-NTP: the kept prefix the rejected continuation starts from
+    # The responses as token ids, and each token's engine log-prob under *this pair's prompt* (None when unknown:
+    # e.g. a Dropout-NTP continuation, which was sampled without the image).
+    chosen_token_ids: list[int] | None = None
+    chosen_logprobs: list[float] | None = None
+    rejected_token_ids: list[int] | None = None
+    rejected_logprobs: list[float] | None = None
 
     @staticmethod
     def make_id(prompt_id: str, kind: str, chosen: str, rejected: str | None) -> str:
@@ -103,6 +118,9 @@ def message_text(messages: list[dict]) -> str:
 
 # --- Arrow ---------------------------------------------------------------------------------------------------------
 
+TOKEN_COLUMNS = ("chosen_token_ids", "chosen_logprobs", "rejected_token_ids", "rejected_logprobs")  # nullable
+
+
 def pair_schema():
     """The Arrow schema of a pairs file (and of SFT example files)."""
     import pyarrow as pa
@@ -115,6 +133,7 @@ def pair_schema():
         ("round", pa.int32()), ("policy_version", pa.int32()), ("gold_answer", pa.string()),
         ("chosen_answer", pa.string()), ("rejected_answer", pa.string()),
         ("chosen_correct", pa.bool_()), ("rejected_correct", pa.bool_()), ("ntp_prefix", pa.string()),
+        *[(name, pa.list_(pa.int32() if name.endswith("ids") else pa.float32())) for name in TOKEN_COLUMNS],
     ])
     # Tell `datasets` that `images` is a list of Image features, so it decodes them to PIL like any HF image dataset.
     hf = {"info": {"features": {
@@ -133,6 +152,7 @@ def pair_to_row(p: PreferencePair) -> dict:
         "round": p.round, "policy_version": p.policy_version, "gold_answer": p.gold_answer,
         "chosen_answer": p.chosen_answer, "rejected_answer": p.rejected_answer,
         "chosen_correct": p.chosen_correct, "rejected_correct": p.rejected_correct, "ntp_prefix": p.ntp_prefix,
+        **{name: getattr(p, name) for name in TOKEN_COLUMNS},
     }
 
 
@@ -146,6 +166,7 @@ def row_to_pair(row: dict) -> PreferencePair:
         gold_answer=row.get("gold_answer"), chosen_answer=row.get("chosen_answer"),
         rejected_answer=row.get("rejected_answer"), chosen_correct=row.get("chosen_correct"),
         rejected_correct=row.get("rejected_correct"), ntp_prefix=row.get("ntp_prefix"),
+        **{name: row.get(name) for name in TOKEN_COLUMNS},  # absent in pair files written before these columns
     )
 
 

@@ -84,7 +84,9 @@ class PolicyClient:
     def generate(self, requests: list[dict], *, chunks: int | None = None) -> list[dict]:
         """Generate for every request through the PolicyServer handles; results in request order.
 
-        Each result: {"version", "outputs": [{"text", "n_tokens", "finish_reason"}], "prompt_tokens", "error"}.
+        Each result: {"version", "outputs": [{"text", "n_tokens", "finish_reason"}], "prompt_tokens", "error"};
+        requests with "logprobs": true also get each output's "token_ids", "logprobs" and "text_offsets" (see
+        serving.server.PolicyServer.generate_batch for these and the other token-level request fields).
         """
         if not requests:
             return []

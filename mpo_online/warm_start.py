@@ -122,3 +122,41 @@ def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool =
         result["eval"] = evaluate(gen, heldout, cot_instruction=cfg.data.cot_instruction,
                                   direct_instruction=cfg.data.direct_instruction, max_tokens=cfg.rollout.max_tokens)
     return result
+
+
+def sft_in_process(model_dir, rows: list[dict], *, steps: int, lr: float = 3e-3, batch_size: int = 16,
+                   seed: int = 0, threads: int | None = None) -> dict:
+    """Plain-PyTorch SFT of `model_dir` in place, in this process (no Ray, no DeepSpeed): `steps` AdamW steps on
+    pair-schema SFT rows (e.g. `pairs_to_table(sft_examples(...)).to_pylist()`), the trainer's batches and token-mean
+    NLL. For tests and benchmarks that need, in seconds, a policy whose samples have the task's format (the recipe's
+    warm start is `warm_start_from_config`). Returns {"loss": last loss, "seconds"}."""
+    import random as _random
+    import time
+
+    import torch
+
+    from mpo_online.trainer.batching import PairCollator
+    from mpo_online.trainer.logps import load_model, sequence_logps
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    collate = PairCollator.from_pretrained(model_dir, pairs=False, max_length=512)
+    model = load_model(model_dir)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    order, rng, t0, loss = [], _random.Random(seed), time.time(), None
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += rng.sample(range(len(rows)), len(rows))
+        batch = collate([rows[i] for i in order[:batch_size]]).tensors
+        del order[:batch_size]
+        sum_logps, _, n_tokens = sequence_logps(model, batch)
+        loss = -(sum_logps.sum() / n_tokens.sum())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.eval()
+    model.save_pretrained(model_dir)
+    return {"loss": None if loss is None else loss.item(), "seconds": time.time() - t0}

@@ -30,7 +30,8 @@ from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.serve.llm import LLMServer
 
 from mpo_online.weight_sync import ReplicaSync, ReplicaUnavailable, get_registry
-from serving.validation import InputError, Limits, check_messages, check_sampling, decode_image_bytes
+from serving.validation import (InputError, Limits, check_messages, check_sampling, check_token_fields,
+                                decode_image_bytes)
 
 MAX_FAILED_SWAPS = 3  # consecutive failed reloads before check_health reports the replica dead (Serve replaces it)
 DEFAULT_MAX_TOKENS = 128
@@ -46,6 +47,7 @@ class PolicyServer(LLMServer):
         await super().__init__(llm_config, **kwargs)
         self._model_id = llm_config.model_id
         self._limits = Limits(**(limits or {}))
+        self._visible_ids: dict[int, bool] = {}  # token id -> kept by detokenization (see _visible)
         self._replica_id = ctx.replica_id.unique_id
         self._sync = ReplicaSync(self._replica_id, get_registry(registry_name), self._reload, self._reset_caches)
         await self._sync.sync_once()  # join at the latest published version before serving anything
@@ -131,8 +133,15 @@ class PolicyServer(LLMServer):
 
         Request: {"messages": [...]} (OpenAI content parts; images as `image_url` data URLs or
         {"type": "image", "image": <png bytes>}) or {"prompt": <templated str>, "images": [<png bytes>]},
-        plus optional "n", "temperature", "top_p", "max_tokens", "seed".
-        Result: {"version", "outputs": [{"text", "n_tokens", "finish_reason"}], "prompt_tokens", "error",
+        plus optional "n", "temperature", "top_p", "max_tokens", "seed", and:
+          "logprobs": true         each output also carries "token_ids" (as sampled; a final EOS is included when
+                                   generation stopped on it), "logprobs" (per token: the engine's log-prob of the
+                                   sampled token) and "text_offsets" (per token: where its text ends in "text";
+                                   null when the per-token texts do not rebuild "text" exactly)
+          "return_prompt_token_ids": true   the result carries "prompt_token_ids" (images expanded)
+          "assistant_prefix_token_ids": [...]   with text-only "messages": appended to the rendered chat prompt
+                                   (generation prompt included), so the sample continues exactly those tokens
+        Result: {"version", "outputs": [{"text", "n_tokens", "finish_reason", ...}], "prompt_tokens", "error",
         "replica"} ("replica": the id of the replica that served it; for tests and debugging).
         """
         try:
@@ -148,14 +157,17 @@ class PolicyServer(LLMServer):
     async def _generate_one(self, req: dict) -> dict[str, Any]:
         try:
             llm = self.engine._engine_client
+            check_token_fields(req, self._limits)
             params = _sampling_params(req, self._limits)
             engine_input = await self._render(llm.renderer, req)
             final = None
             async for out in llm.generate(engine_input, params, request_id=f"mpo-{uuid.uuid4().hex}"):
                 final = out
-            outputs = [{"text": o.text, "n_tokens": len(o.token_ids), "finish_reason": o.finish_reason or "length"}
-                       for o in final.outputs]
-            return {"outputs": outputs, "prompt_tokens": len(final.prompt_token_ids or ()), "error": None}
+            outputs = [self._output(o, llm.renderer, bool(req.get("logprobs"))) for o in final.outputs]
+            result = {"outputs": outputs, "prompt_tokens": len(final.prompt_token_ids or ()), "error": None}
+            if req.get("return_prompt_token_ids"):
+                result["prompt_token_ids"] = list(final.prompt_token_ids or ())
+            return result
         except asyncio.CancelledError:
             raise
         except InputError as exc:
@@ -163,8 +175,31 @@ class PolicyServer(LLMServer):
         except Exception as exc:  # one bad request must not fail the batch
             return {"outputs": [], "prompt_tokens": 0, "error": f"{type(exc).__name__}: {exc}"}
 
+    def _output(self, o, renderer, logprobs: bool) -> dict[str, Any]:
+        """One vLLM CompletionOutput -> a plain dict (see generate_batch)."""
+        out = {"text": o.text, "n_tokens": len(o.token_ids), "finish_reason": o.finish_reason or "length"}
+        if not logprobs:
+            return out
+        ids = list(o.token_ids)
+        # With SamplingParams(logprobs=0) position i holds {sampled id: Logprob} (vLLM 0.32 adds the sampled token
+        # even when it is not in the top-k), as a list of dicts or a FlatLogprobs; both index the same way.
+        steps = [o.logprobs[i][t] for i, t in enumerate(ids)]
+        out["token_ids"] = ids
+        out["logprobs"] = [float(lp.logprob) for lp in steps]
+        pieces = [(lp.decoded_token or "") if self._visible(renderer, t) else "" for lp, t in zip(steps, ids)]
+        out["text_offsets"] = text_offsets(o.text, pieces)
+        return out
+
+    def _visible(self, renderer, token_id: int) -> bool:
+        """Whether detokenization keeps this token's text (skip_special_tokens drops <pad>, <image>, EOS, ...)."""
+        if token_id not in self._visible_ids:
+            text = renderer.get_tokenizer().decode([token_id], skip_special_tokens=True)
+            self._visible_ids[token_id] = text != ""
+        return self._visible_ids[token_id]
+
     async def _render(self, renderer, req: dict):
         """Request -> the engine input vLLM's own chat / completion paths would build (template, images, tokens)."""
+        from vllm.inputs import TokensPrompt
         from vllm.renderers.params import ChatParams
 
         tok_params = renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
@@ -173,6 +208,15 @@ class PolicyServer(LLMServer):
             messages = [_inline_images(m, self._limits) for m in req["messages"]]
             chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
             _, (engine_input,) = await renderer.render_chat_async([messages], chat_params, tok_params)
+            prefix = req.get("assistant_prefix_token_ids")
+            if prefix is None:
+                return engine_input
+            if engine_input.get("type") != "token":  # multimodal inputs carry placeholder ranges we would shift
+                raise InputError(400, "assistant_prefix_token_ids needs text-only messages", "messages")
+            # Dropout-NTP continuations: the prompt's own token ids + the given ids, re-entered as a tokens prompt
+            # (no retokenization of the prefix: the continuation is conditioned on exactly these tokens).
+            ids = list(engine_input["prompt_token_ids"]) + list(prefix)
+            (engine_input,) = await renderer.render_cmpl_async([TokensPrompt(prompt_token_ids=ids)], tok_params)
             return engine_input
         if "prompt" in req:
             prompt = req["prompt"]
@@ -222,8 +266,25 @@ def _sampling_params(req: dict, limits: Limits):
     check_sampling(fields, limits)
     kwargs = {k: v for k, v in fields.items() if v is not None}
     kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    if req.get("logprobs"):
+        # 0 = only the sampled token's log-prob. vLLM's default logprobs_mode (raw_logprobs) takes it from the
+        # log-softmax of the unscaled logits, before temperature / top-p: the policy's own log pi(token | context),
+        # whatever the sampling settings. That is what the trainer recomputes, so the default is kept on purpose.
+        kwargs["logprobs"] = 0
     # FINAL_ONLY: one output object per request instead of one per generated token.
     return SamplingParams(**kwargs, output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+def text_offsets(text: str, pieces: list[str]) -> list[int] | None:
+    """Per token, the offset in `text` where its text ends (pieces: each token's text, "" for dropped ones), or None
+    when the pieces do not concatenate to `text` (e.g. a tokenizer whose per-token texts differ from its decode)."""
+    ends, at = [], 0
+    for piece in pieces:
+        if not text.startswith(piece, at):
+            return None
+        at += len(piece)
+        ends.append(at)
+    return ends if at == len(text) else None
 
 
 def _inline_images(message: dict, limits: Limits) -> dict:

@@ -1,4 +1,4 @@
-"""Input checks shared by the HTTP ingress and the handle path: images, prompt size, sampling parameters.
+"""Input checks shared by the HTTP ingress and the handle path: images, prompt size, sampling and token fields.
 
 Pure functions over plain Python data (no Ray, no vLLM), so they are unit-testable and cheap. Each failure raises
 `InputError(status, message, param)`; the ingress turns it into an OpenAI-style error body with that status, the
@@ -138,3 +138,21 @@ def check_sampling(params: dict, limits: Limits) -> None:
     seed = params.get("seed")
     if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**63):
         raise InputError(400, f"seed must be a non-negative integer (got {seed})", "seed")
+
+
+def check_token_fields(req: dict, limits: Limits) -> None:
+    """The handle path's token-level fields: `logprobs` and `return_prompt_token_ids` (booleans) and
+    `assistant_prefix_token_ids` (token ids appended after the rendered chat prompt; needs `messages`)."""
+    for key in ("logprobs", "return_prompt_token_ids"):
+        if req.get(key) is not None and not isinstance(req[key], bool):
+            raise InputError(400, f"{key} must be true or false (got {req[key]!r})", key)
+    ids = req.get("assistant_prefix_token_ids")
+    if ids is None:
+        return
+    key = "assistant_prefix_token_ids"
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise InputError(400, f"{key} must be a list of non-negative integer token ids", key)
+    if len(ids) > limits.max_model_len:
+        raise InputError(400, f"{key} has {len(ids)} tokens; the limit is {limits.max_model_len}", key)
+    if "messages" not in req:
+        raise InputError(400, f"{key} continues a chat prompt: the request needs 'messages'", key)

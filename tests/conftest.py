@@ -1,4 +1,7 @@
-"""Shared pytest fixtures. Only the Ray fixture lives here; test-specific fixtures stay in their own files."""
+"""Shared pytest fixtures and helpers: a local Ray instance, and a policy Serve app for a test module's lifetime.
+Test-specific fixtures stay in their own files."""
+
+import contextlib
 
 import pytest
 
@@ -19,3 +22,30 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def policy_app():
+    """The `_policy_app` context manager, for module fixtures: `with policy_app(model, app=..., port=...) as client`."""
+    return _policy_app
+
+
+@contextlib.contextmanager
+def _policy_app(model_dir, *, app: str, port: int, **options):
+    """A fresh local Ray (4 logical CPUs), Serve on `port` and the policy app `app` serving `model_dir`; yields its
+    PolicyClient and tears everything down afterwards. `options` go to serving.app.start_policy_server."""
+    import ray
+    from ray import serve
+
+    from serving.app import start_policy_server, stop_policy_server
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"port": port})
+        yield start_policy_server(model_dir, app_name=app, port=port, **options)
+    finally:
+        try:
+            stop_policy_server(app)
+        finally:
+            serve.shutdown()
+            ray.shutdown()

@@ -4,18 +4,26 @@ from collections import Counter
 
 import pytest
 
-from mpo_online.pairs import (correctness_pairs, dedupe_rollouts, derive_seed, label_rollout, ntp_chosen,
-                              ntp_continuation_request, ntp_pair, ntp_prefix, render_chat_template,
-                              sample_round_prompts, text_only_messages)
+from mpo_online.pairs import (correctness_pairs, dedupe_rollouts, derive_seed, drop_placeholder_samples,
+                              label_rollout, ntp_chosen, ntp_continuation_request, ntp_pair, ntp_prefix,
+                              prefix_token_count, sample_round_prompts, text_only_messages)
 from mpo_online.records import PreferencePair, Rollout
-from mpo_online.tiny_model import CHAT_TEMPLATE
 
 PROMPT = {"id": "p1", "question": "How many red shapes are there?", "images": [b"png"], "answer": "3", "kind": "qa"}
 
 
-def ro(i, text, finish="stop"):
-    return Rollout(prompt_id="p1", round=0, policy_version=0, sample_index=i, text=text, n_tokens=len(text),
-                   finish_reason=finish)
+VOCAB: dict[str, int] = {}  # token text -> id, for the rollouts below
+
+
+def ro(i, text, finish="stop", pieces=None):
+    """A rollout sampled as `pieces` (token texts; default one token per character; "" stands for a token that
+    detokenization drops, e.g. a special token), ids 1000+ per distinct piece, log-probs -0.1 * position."""
+    pieces = list(text) if pieces is None else pieces
+    assert "".join(pieces) == text
+    ends = [sum(len(p) for p in pieces[:k + 1]) for k in range(len(pieces))]
+    return Rollout(prompt_id="p1", round=0, policy_version=0, sample_index=i, text=text, n_tokens=len(pieces),
+                   finish_reason=finish, token_ids=[VOCAB.setdefault(p, 1000 + len(VOCAB)) for p in pieces],
+                   logprobs=[-0.1 * k for k in range(len(pieces))], text_offsets=ends)
 
 
 def build(texts, max_pairs=15, seed=0):
@@ -67,6 +75,22 @@ def test_labels_and_every_positive_times_negative():
         assert p.images == [b"png"] and p.question == PROMPT["question"]
         assert p.pair_id == PreferencePair.make_id("p1", "correctness", p.chosen, p.rejected)
     assert {p.rejected_answer for p in pairs} == {"4", None, "7"}
+    by_text = {r.text: r for r in (ro(i, t) for i, t in enumerate(texts))}
+    for p in pairs:  # the sampled ids and engine log-probs travel with each response
+        assert p.chosen_token_ids == by_text[p.chosen].token_ids and p.chosen_logprobs == by_text[p.chosen].logprobs
+        assert p.rejected_token_ids == by_text[p.rejected].token_ids
+        assert p.rejected_logprobs == by_text[p.rejected].logprobs
+
+
+def test_placeholder_samples_dropped():
+    image = ro(1, "Final answer: 3", pieces=["Final answer: ", "", "3"])  # the "" piece: a sampled <image>
+    image_id = image.token_ids[1]
+    kept, n = drop_placeholder_samples([ro(0, "Final answer: 3"), image, ro(2, "x")], [image_id])
+    assert [r.sample_index for r in kept] == [0, 2] and n == 1
+    assert drop_placeholder_samples([image], [])[1] == 0
+    no_ids = Rollout(prompt_id="p1", round=0, policy_version=0, sample_index=3, text="a", n_tokens=1,
+                     finish_reason="stop")
+    assert drop_placeholder_samples([no_ids], [image_id]) == ([no_ids], 0)
 
 
 def test_duplicates_dropped_before_pairing():
@@ -139,52 +163,75 @@ def test_ntp_prefix_word_ratio_keeps_spacing():
 
 def test_ntp_chosen_filters_truncated_short_and_caps():
     rollouts = [ro(0, "3 red and 2 blue shapes."), ro(1, "3 red and 2 blue shapes."), ro(2, "x"),
-                ro(3, "cut off here and", finish="length"), ro(4, "1 green shape."), ro(5, "2 red shapes.")]
+                ro(3, "cut off here and", finish="length"), ro(4, "1 green shape."), ro(5, "2 red shapes."),
+                ro(6, "ab cd", pieces=["a", "b c", "d"])]  # the word prefix "ab" ends inside the token "b c"
     picked, skipped = ntp_chosen(rollouts, max_pairs=2, ratio=0.5, rng_seed=0)
-    assert skipped == Counter(duplicate_response=1, empty_prefix=1, truncated_chosen=1, over_cap=1)
+    assert skipped == Counter(duplicate_response=1, empty_prefix=1, truncated_chosen=1, ntp_no_token_boundary=1,
+                              over_cap=1)
     assert len(picked) == 2
-    for r, prefix in picked:
-        assert r.text.startswith(prefix) and prefix == ntp_prefix(r.text, 0.5)
+    for r, prefix, k in picked:
+        assert r.text.startswith(prefix) and prefix == ntp_prefix(r.text, 0.5) and k == len(prefix)  # 1 char/token
 
 
-def test_ntp_request_has_no_image_and_ends_with_prefix():
-    templated = render_chat_template(CHAT_TEMPLATE, text_only_messages("Describe the image."))
-    assert templated == "User: Describe the image.<end_of_utterance>\nAssistant: "
-    req = ntp_continuation_request("Describe the image.", "3 red", templated_prompt=templated, temperature=1.0,
-                                   top_p=1.0, max_tokens=32, seed=5)
-    assert req["prompt"] == templated + "3 red" and req["images"] == [] and "<image>" not in req["prompt"]
+def test_prefix_token_count_on_token_boundaries():
+    # multi-character tokens, and zero-width (special) tokens around the boundary: the smallest k is taken
+    r = ro(0, "3 red and 2 blue", pieces=["", "3 ", "red", "", " and", "", " 2", " blue"])
+    assert prefix_token_count(r, "3 red") == 3  # "", "3 ", "red"; the special token after "red" is not kept
+    assert prefix_token_count(r, "3 red and") == 5
+    assert prefix_token_count(r, "3") is None  # inside the token "3 "
+    assert prefix_token_count(r, "4 red") is None  # not a prefix of the text
+    no_offsets = Rollout(prompt_id="p1", round=0, policy_version=0, sample_index=0, text="a b", n_tokens=3,
+                         finish_reason="stop")
+    assert prefix_token_count(no_offsets, "a") is None
+
+
+def test_ntp_request_is_text_only_and_continues_the_prefix_ids():
+    req = ntp_continuation_request("Describe the image.", [5, 6, 7], temperature=1.0, top_p=1.0, max_tokens=32,
+                                   seed=5)
+    assert req["messages"] == text_only_messages("Describe the image.")
+    assert req["assistant_prefix_token_ids"] == [5, 6, 7]
+    assert all(p["type"] == "text" for m in req["messages"] for p in m["content"])  # no image travels
     assert (req["n"], req["temperature"], req["top_p"], req["max_tokens"], req["seed"]) == (1, 1.0, 1.0, 32, 5)
-    with pytest.raises(ValueError):
-        ntp_continuation_request("q", "p", templated_prompt="User: <image>q", temperature=1.0, top_p=1.0,
-                                 max_tokens=8, seed=0)
+    assert req["logprobs"] is True and req["return_prompt_token_ids"] is True
 
 
 def test_ntp_pair_fields():
     row = {"id": "o1", "question": "Describe the image.", "images": [b"img"], "answer": None, "kind": "open"}
-    p = ntp_pair(row, "3 red and 2 blue shapes.", "3 red and", " 4 green.", round=1, policy_version=2)
+    chosen = ro(0, "3 red and 2 blue shapes.")
+    p = ntp_pair(row, chosen, "3 red and", " 4 green.", round=1, policy_version=2, prefix_tokens=9,
+                 continuation_token_ids=[1, 2, 3])
     assert p.kind == "dropout_ntp" and p.rejected == "3 red and 4 green." and p.ntp_prefix == "3 red and"
     assert p.chosen == "3 red and 2 blue shapes." and p.images == [b"img"] and p.chosen_correct is None
     assert p.pair_id == PreferencePair.make_id("o1", "dropout_ntp", p.chosen, p.rejected)
-    assert ntp_pair(row, "3 red and 2 blue.", "3 red and", " 2 blue. ", round=0, policy_version=0) is None
+    assert p.chosen_token_ids == chosen.token_ids and p.chosen_logprobs == chosen.logprobs
+    assert p.rejected_token_ids == chosen.token_ids[:9] + [1, 2, 3]
+    assert p.rejected_logprobs is None  # the continuation was sampled without the image: not this prompt's
+    assert ntp_pair(row, chosen, "3 red and", " 4 green.", round=1, policy_version=2).rejected_token_ids is None
+    assert ntp_pair(row, ro(0, "3 red and 2 blue."), "3 red and", " 2 blue. ", round=0, policy_version=0) is None
     with pytest.raises(ValueError):
-        ntp_pair(row, "abc", "xyz", "", round=0, policy_version=0)
+        ntp_pair(row, ro(0, "abc"), "xyz", "", round=0, policy_version=0)
 
 
-def test_prompt_renderer_from_template_string_pickles():
-    import pickle
+def test_pair_table_round_trip_with_and_without_token_columns():
+    import pyarrow as pa
 
-    from mpo_online.pairs import PromptRenderer
+    from mpo_online.records import TOKEN_COLUMNS, pair_schema, pairs_to_table, table_to_pairs
 
-    r = pickle.loads(pickle.dumps(PromptRenderer(chat_template=CHAT_TEMPLATE)))
-    assert r(text_only_messages("Q?")) == "User: Q?<end_of_utterance>\nAssistant: "
-    with pytest.raises(ValueError):
-        PromptRenderer()
-
-
-def test_split_template_verbatim_and_not():
-    from mpo_online.pairs import PromptRenderer, split_template
-
-    head, tail = split_template(PromptRenderer(chat_template=CHAT_TEMPLATE))
-    assert (head, tail) == ("User: ", "<end_of_utterance>\nAssistant: ")
-    trimming = "{% for m in messages %}U: {{ m['content'][0]['text'] | upper }}{% endfor %}A:"
-    assert split_template(PromptRenderer(chat_template=trimming)) is None
+    row = {"id": "o1", "question": "Describe the image.", "images": [b"img"], "answer": None, "kind": "open"}
+    with_ids = ntp_pair(row, ro(0, "3 red and 2 blue."), "3 red", " 4.", round=1, policy_version=2,
+                        prefix_tokens=5, continuation_token_ids=[7, 8])
+    text_only = build(["Final answer: 3", "Final answer: 4"])[0][0]
+    text_only.chosen_token_ids = text_only.chosen_logprobs = None
+    text_only.rejected_token_ids = text_only.rejected_logprobs = None
+    table = pairs_to_table([with_ids, text_only])
+    assert table.schema.equals(pair_schema(), check_metadata=False)
+    back = table_to_pairs(table)
+    assert back[0].chosen_token_ids == with_ids.chosen_token_ids and back[0].rejected_logprobs is None
+    assert back[0].rejected_token_ids == with_ids.rejected_token_ids
+    assert back[0].chosen_logprobs == pytest.approx(with_ids.chosen_logprobs, abs=1e-6)  # stored as float32
+    assert back[1] == text_only
+    # a pairs file written before the token columns existed still loads, with None ids (the text path)
+    old = table.drop_columns(list(TOKEN_COLUMNS))
+    assert set(TOKEN_COLUMNS).isdisjoint(old.column_names) and isinstance(old, pa.Table)
+    legacy = table_to_pairs(old)
+    assert legacy[0].chosen == with_ids.chosen and legacy[0].chosen_token_ids is None

@@ -78,14 +78,10 @@ def _boxed(text):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, policy_app):
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    import ray
-    from ray import serve
-
     from mpo_online.data import to_ray_dataset
     from mpo_online.tasks import generate_tasks
-    from serving.app import start_policy_server, stop_policy_server
 
     tmp = tmp_path_factory.mktemp("rollout")
     model = _bigram_policy(tmp / "policy")
@@ -93,21 +89,12 @@ def env(tmp_path_factory):
     # Bad rows inside the Dataset itself (read_prompts would have quarantined them; the pipeline must too).
     rows.append({**rows[0], "id": "bad-image", "images": [b"\x89PNG\r\n\x1a\n not really a png"]})
     rows.append({**rows[1], "id": "bad-question", "question": "   "})
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"port": PORT})
-        # Seeded requests crash vLLM-CPU 0.32 when a prefill is split across steps ("CPU Generator does not use
-        # offset" in _bookkeeping_sync), so prefills must not be chunked.
-        client = start_policy_server(model, app_name=APP, port=PORT, max_model_len=256, max_num_seqs=128,
-                                     kv_cache_gb=1, engine_kwargs={"enable_chunked_prefill": False})
+    # Seeded requests crash vLLM-CPU 0.32 when a prefill is split across steps ("CPU Generator does not use
+    # offset" in _bookkeeping_sync), so prefills must not be chunked.
+    with policy_app(model, app=APP, port=PORT, max_model_len=256, max_num_seqs=128, kv_cache_gb=1,
+                    engine_kwargs={"enable_chunked_prefill": False}) as client:
         yield {"client": client, "ds": to_ray_dataset(rows, block_rows=16), "rows": {r["id"]: r for r in rows},
                "model": str(model), "tmp": tmp}
-    finally:
-        try:
-            stop_policy_server(APP)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
 
 
 def _round(env, out, **kw):
@@ -160,9 +147,13 @@ def test_rollouts_verdicts_and_image_free_continuations(env, first):
     pairs = table_to_pairs(pq.read_table(rdir / "pairs.parquet"))
     # one continuation per Dropout-NTP chosen; those reproducing the chosen text gave no pair
     assert len(conts) == stats.pairs["dropout_ntp"] + stats.skipped.get("ntp_same_as_chosen", 0)
-    for c in conts:  # the continuation request carried no image and ended with the chosen's prefix
-        assert c["n_images_sent"] == 0 and "<image>" not in c["prompt_sent"]
-        assert c["prompt_sent"].endswith("Assistant: Hm")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(env["model"])
+    for c in conts:  # the continuation's engine prompt had no image and ended with the chosen's prefix tokens
+        prompt = tok.decode(c["prompt_token_ids"])
+        assert c["n_images_sent"] == 0 and "<image>" not in prompt and prompt.endswith("Assistant: Hm")
+        assert len(c["token_ids"]) == len(c["logprobs"]) == c["n_tokens"]
     assert {p.rejected for p in pairs if p.kind == "dropout_ntp"} <= {"Hm" + c["text"] for c in conts}
     qa = [r for r in samples if r["correct"] is not None]
     assert stats.sample_accuracy == round(sum(r["correct"] for r in qa) / len(qa), 4)

@@ -147,7 +147,8 @@ def test_late_replica_starts_at_latest_version_and_pause_holds_requests():
 
 def test_validation_and_admin_route_map():
     from serving.ingress import endpoint_map
-    from serving.validation import InputError, Limits, check_messages, check_sampling, decode_data_url
+    from serving.validation import (InputError, Limits, check_messages, check_sampling, check_token_fields,
+                                    decode_data_url)
 
     limits = Limits(max_prompt_chars=10, max_image_bytes=1000, max_model_len=64, max_n=4)
     assert not any(k.startswith("admin") for k in endpoint_map(admin=False))
@@ -156,6 +157,19 @@ def test_validation_and_admin_route_map():
         with pytest.raises(InputError) as e:
             check_sampling(bad, limits)
         assert e.value.status == 400
+    for bad in ({"logprobs": 1}, {"return_prompt_token_ids": "yes"},
+                {"messages": CHAT, "assistant_prefix_token_ids": 5},
+                {"messages": CHAT, "assistant_prefix_token_ids": [1, -2]},
+                {"messages": CHAT, "assistant_prefix_token_ids": [True]},
+                {"messages": CHAT, "assistant_prefix_token_ids": [1] * 65},
+                {"prompt": "x", "assistant_prefix_token_ids": [1]}):
+        with pytest.raises(InputError) as e:
+            check_token_fields(bad, limits)
+        assert e.value.status == 400 and e.value.param in bad
+    check_token_fields({"messages": CHAT, "logprobs": True, "assistant_prefix_token_ids": [0, 7]}, limits)
+    from serving.server import text_offsets
+    assert text_offsets("ab c", ["", "ab", " ", "", "c"]) == [0, 2, 3, 3, 4]  # "" = a token detokenization drops
+    assert text_offsets("ab c", ["ab", "c"]) is None and text_offsets("ab", ["ab", "x"]) is None
     with pytest.raises(InputError, match="characters"):
         check_messages([{"role": "user", "content": "x" * 11}], limits)
     with pytest.raises(InputError, match="data: URL"):

@@ -111,14 +111,41 @@ def test_batching_text_only_truncates_the_response_side(models, rows):
     assert col.tokenizer.decode(labels[30:]) == "Fin"   # cut before the eos: no end-of-turn target
 
 
+def test_batching_uses_sampled_token_ids_verbatim(models, rows):
+    from mpo_online.trainer.batching import IGNORE_INDEX, PairCollator
+    col = PairCollator.from_pretrained(models["vlm"], max_length=512)
+    tok = col.tokenizer
+    eou, tile, image = (tok.convert_tokens_to_ids(t) for t in ("<end_of_utterance>", "<row_1_col_1>", "<image>"))
+    chars = tok("Final", add_special_tokens=False)["input_ids"]
+    sampled = [chars + [tile, eou],   # stopped on EOS, with a special token the text would have lost
+               chars[:3]]             # cut off by max_tokens: no EOS was sampled, none may be appended
+    ids_rows = [{**rows[0], "chosen_token_ids": sampled[0], "rejected_token_ids": sampled[1]},
+                {**rows[1], "chosen_token_ids": sampled[1]}]  # rejected without ids: the text path
+    t = col(ids_rows).tensors
+    text = col(rows[:2]).tensors
+    n_prompt = int((text["labels"][0] == IGNORE_INDEX).sum() - (text["attention_mask"][0] == 0).sum())
+    for s, want in enumerate([sampled[0], sampled[1], sampled[1]]):  # chosen 0, chosen 1, rejected 0
+        n = int(t["attention_mask"][s].sum())
+        assert t["labels"][s, n_prompt:n].tolist() == want and (t["labels"][s, :n_prompt] == IGNORE_INDEX).all()
+        assert t["input_ids"][s, :n_prompt].tolist() == text["input_ids"][s % 2, :n_prompt].tolist()  # same prompt
+    n = int(t["attention_mask"][3].sum())   # rejected 1 has no ids: tokenized text with its end-of-turn token
+    assert tok.decode(t["labels"][3, n_prompt:n]) == "Final answer: 4x<end_of_utterance>"
+    cut = PairCollator.from_pretrained(models["vlm"], max_length=n_prompt + 2)(ids_rows[:1]).tensors
+    assert cut["labels"][0, n_prompt:].tolist() == sampled[0][:2]   # max_length cuts the response side
+    with pytest.raises(ValueError, match="placeholder"):
+        col([{**rows[0], "chosen_token_ids": chars + [image]}])
+
+
 def test_sequence_logps_equals_full_logits(models, rows):
     import torch
 
     from mpo_online.trainer.batching import PairCollator
-    from mpo_online.trainer.logps import load_model, sequence_logps
+    from mpo_online.trainer.logps import load_model, sequence_logps, token_logps
     for name in ("vlm", "txt"):
         model = load_model(models[name])
         t = PairCollator.from_pretrained(models[name], max_length=512)(rows).tensors
+        with torch.no_grad():
+            per_token = token_logps(model, t, chunk_size=5)                                  # (S, T)
         sum_lp, nll, n = sequence_logps(model, t, chunk_size=5)
         sum_lp.sum().backward()
         g_fused = model.get_output_embeddings().weight.grad.clone()
@@ -129,6 +156,9 @@ def test_sequence_logps_equals_full_logits(models, rows):
         mask = y != -100
         ref = (lp.gather(2, y.clamp(min=0)[..., None]).squeeze(2) * mask).sum(1)             # (S,)
         ref.sum().backward()
+        # per token: entry [s, t] is log p(labels[s, t]) at targets, 0 elsewhere
+        want = torch.nn.functional.pad(lp.gather(2, y.clamp(min=0)[..., None]).squeeze(2) * mask, (1, 0))
+        torch.testing.assert_close(per_token, want.detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sum_lp, ref, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(nll, -ref / mask.sum(1), atol=1e-5, rtol=1e-5)
         assert n.tolist() == mask.sum(1).tolist() == [16, 16, 16, 17, 17, 17]

@@ -12,12 +12,18 @@ and the images); with `pairs=False` (SFT / RFT) only the B chosen sequences. Eac
 
 - The prompt is the model's chat template applied to the `prompt` messages with add_generation_prompt=True, run
   through the processor together with the row's images (so image placeholders expand to the model's image tokens).
-- The response is the rest of the templated full conversation (prompt + the one assistant message): the text after
-  the templated prompt, which must be a prefix of it (checked). It is tokenized on its own and appended, so the
-  prompt/response boundary is exact even for BPE tokenizers that would merge across it.
-- Targets (`labels` != -100) are the response tokens up to and including the end-of-turn token (the tokenizer's eos,
-  e.g. `<end_of_utterance>` or `<|im_end|>`); template text after it (a trailing newline) is dropped. Prompt, image
-  and padding positions are -100. If the template emits no end-of-turn token, the eos is appended.
+- The response, when the row carries its token ids (`chosen_token_ids` / `rejected_token_ids` non-empty: responses
+  the engine sampled, mpo_online.records): those ids verbatim. They are what the engine sampled, special tokens
+  included, and end with the end-of-turn token only if the engine sampled one (a response cut off by the token limit
+  gets none appended), so the trainer scores exactly the sampled sequence. A response id that is an input
+  placeholder (`<image>`) is refused: the model's forward would take it for an image slot.
+- The response, for rows without ids (gold demonstrations, SFT rows, older pair files): the rest of the templated
+  full conversation (prompt + the one assistant message), i.e. the text after the templated prompt, which must be
+  a prefix of it (checked). It is tokenized on its own and appended, so the prompt/response boundary is exact even
+  for BPE tokenizers that would merge across it. Targets run up to and including the end-of-turn token (the
+  tokenizer's eos, e.g. `<end_of_utterance>` or `<|im_end|>`); template text after it (a trailing newline) is
+  dropped; if the template emits no end-of-turn token, the eos is appended.
+- Targets (`labels` != -100) are the response tokens; prompt, image and padding positions are -100.
 - `max_length` bounds prompt + response; only the response is cut (at least one response token is kept).
 
 Works with a multimodal processor (Idefics3/SmolVLM: pixel_values (S, n_images, 3, H, W); Qwen2.5-VL: flattened
@@ -32,6 +38,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 IGNORE_INDEX = -100
 
@@ -68,6 +75,18 @@ def load_processor(model_dir):
         return AutoProcessor.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError, TypeError):
         return AutoTokenizer.from_pretrained(model_dir)
+
+
+PLACEHOLDER_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index", "audio_token_id",
+                    "audio_token_index")
+
+
+def input_placeholder_ids(model_dir) -> set[int]:
+    """Token ids the model's forward replaces by encoder features (`<image>`, ...), from its config.json: they may
+    appear in a prompt, never in a response the trainer scores. Empty for text-only models."""
+    path = Path(model_dir) / "config.json"
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    return {int(cfg[k]) for k in PLACEHOLDER_KEYS if isinstance(cfg.get(k), int)}
 
 
 def row_key(row: dict) -> str:
@@ -121,12 +140,14 @@ def _clean(messages) -> list:
 class PairCollator:
     """rows -> PairBatch. See the module docstring for the layout."""
 
-    def __init__(self, processor, *, max_length: int = 512, pairs: bool = True, eos_token_ids=None):
+    def __init__(self, processor, *, max_length: int = 512, pairs: bool = True, eos_token_ids=None,
+                 placeholder_ids=()):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.multimodal = hasattr(processor, "image_processor")
         self.max_length = int(max_length)
         self.pairs = pairs
+        self.placeholder_ids = set(placeholder_ids)
         eos = set(eos_token_ids or [])
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -139,7 +160,8 @@ class PairCollator:
 
     @classmethod
     def from_pretrained(cls, model_dir, **kwargs) -> "PairCollator":
-        """Processor from `model_dir`; end-of-turn ids also from its generation_config.json when present."""
+        """Processor from `model_dir`; end-of-turn ids also from its generation_config.json when present; input
+        placeholder ids from its config.json."""
         eos = []
         try:
             from transformers import GenerationConfig
@@ -147,6 +169,7 @@ class PairCollator:
             eos = [e] if isinstance(e, int) else list(e or [])
         except (OSError, ValueError):
             pass
+        kwargs.setdefault("placeholder_ids", input_placeholder_ids(model_dir))
         return cls(load_processor(model_dir), eos_token_ids=kwargs.pop("eos_token_ids", None) or eos, **kwargs)
 
     # --- templating --------------------------------------------------------------------------------------------
@@ -164,6 +187,17 @@ class PairCollator:
                              f"prefix of the full conversation:\nprompt: {prompt_text!r}\nfull:   {full_text!r}")
         return prompt_text, full_text[len(prompt_text):]
 
+    def _sampled_ids(self, row: dict, which: str) -> list[int] | None:
+        """The response's sampled token ids (`<which>_token_ids`), or None when the row has none (text path)."""
+        ids = row.get(f"{which}_token_ids")
+        if ids is None or not len(ids):
+            return None
+        ids = [int(t) for t in ids]
+        if self.placeholder_ids.intersection(ids):
+            raise ValueError(f"pair {row_key(row)}: the {which} token ids hold an input placeholder token "
+                             f"({sorted(self.placeholder_ids.intersection(ids))}); such a response cannot be scored")
+        return ids
+
     def _response_ids(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         ends = [i for i, t in enumerate(ids) if t in self.eos_ids]
@@ -179,18 +213,24 @@ class PairCollator:
         if not rows:
             raise ValueError("empty batch")
         B = len(rows)
-        responses = [r["chosen"] for r in rows]
+        which = ["chosen"] * B
         if self.pairs:
             for r in rows:
                 if not len(r.get("rejected") or []):
                     raise ValueError(f"pair {row_key(r)} has no rejected response (use pairs=False for SFT rows)")
-            responses += [r["rejected"] for r in rows]
+            which += ["rejected"] * B
         src = list(range(B)) + (list(range(B)) if self.pairs else [])  # sequence s comes from row src[s]
-        prompt_texts, resp_texts = [], []
-        for s, resp in enumerate(responses):
-            p, t = self.texts(rows[src[s]]["prompt"], resp)
+        prompt_texts, resp_ids = [], []  # (S,) templated prompts and response token ids
+        for s, w in enumerate(which):
+            row = rows[src[s]]
+            ids = self._sampled_ids(row, w)
+            if ids is None:  # text path: tokenize the templated response (EOS rule in the module docstring)
+                p, t = self.texts(row["prompt"], row[w])
+                ids = self._response_ids(t)
+            else:
+                p = self._template(row["prompt"], add_generation_prompt=True)
             prompt_texts.append(p)
-            resp_texts.append(t)
+            resp_ids.append(ids)
 
         # Prompts (+ images) through the processor in one call: S sequences.
         extra, per_token = {}, {}
@@ -216,8 +256,7 @@ class PairCollator:
         seqs, n_prompt = [], []
         for s in range(len(src)):
             p = list(prompt_ids[s])
-            r = self._response_ids(resp_texts[s])
-            r = r[: max(1, self.max_length - len(p))]  # cut the response side only
+            r = resp_ids[s][: max(1, self.max_length - len(p))]  # cut the response side only
             seqs.append(p + r)
             n_prompt.append(len(p))
 

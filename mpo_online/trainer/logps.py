@@ -1,5 +1,6 @@
-"""Per-sequence response log-probs without materialising the (tokens, vocab) logits; model loading.
+"""Per-token and per-sequence response log-probs without materialising the (tokens, vocab) logits; model loading.
 
+    logps = token_logps(model, batch.tensors, chunk_size=1024)     # (S, T): log p(input_ids[s, t] | < t) on targets
     sum_logps, mean_nll, n_tokens = sequence_logps(model, batch.tensors, chunk_size=1024)   # each (S,)
 
 The model runs only up to its last hidden state (the base model, `getattr(model, model.base_model_prefix)`: e.g.
@@ -43,8 +44,8 @@ def _head_token_logps(head: torch.nn.Module, hidden, labels, chunk_size: int):
         del head.forward  # back to the class's forward
 
 
-def sequence_logps(model, batch: dict, chunk_size: int = 1024):
-    """Summed response log-prob, token-mean NLL and number of target tokens per sequence.
+def token_logps(model, batch: dict, chunk_size: int = 1024):
+    """Log-prob of every target token, laid out like the labels.
 
     Args:
         model: a Hugging Face *ForCausalLM / *ForConditionalGeneration model.
@@ -52,8 +53,8 @@ def sequence_logps(model, batch: dict, chunk_size: int = 1024):
             processor outputs the model takes (pixel_values, ...). Label t is predicted from position t - 1.
         chunk_size: rows per (chunk, V) logits buffer in the fused lm-head.
     Returns:
-        sum_logps (S,) fp32: sum over targets of log p(token); mean_nll (S,) = -sum_logps / n_tokens (0 when a
-        sequence has no targets); n_tokens (S,) int64.
+        (S, T) fp32 tensor: entry [s, t] = log p(labels[s, t] | tokens < t) where labels[s, t] is a target, 0
+        elsewhere (prompt, image, padding, and position 0). Differentiable w.r.t. the model's parameters.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]                                             # (S, T)
@@ -66,10 +67,22 @@ def sequence_logps(model, batch: dict, chunk_size: int = 1024):
     h = hidden[:, :-1][mask]                                             # (N, H) target positions only
     y = targets[mask]                                                    # (N,)
     tok = _head_token_logps(head, h, y, chunk_size)                      # (N,) fp32
-    seq = mask.nonzero()[:, 0]                                           # (N,) sequence index of each target
-    S = labels.shape[0]
-    sum_logps = torch.zeros(S, dtype=tok.dtype, device=tok.device).index_add(0, seq, tok)   # (S,)
-    n_tokens = mask.sum(dim=1)                                           # (S,)
+    # Scatter back to label positions: column t + 1 of `labels` is the target predicted at hidden position t.
+    full_mask = torch.nn.functional.pad(mask, (1, 0), value=False)       # (S, T)
+    logps = torch.zeros(labels.shape, dtype=tok.dtype, device=tok.device)  # (S, T)
+    return logps.masked_scatter(full_mask, tok)
+
+
+def sequence_logps(model, batch: dict, chunk_size: int = 1024):
+    """Summed response log-prob, token-mean NLL and number of target tokens per sequence (from `token_logps`).
+
+    Returns:
+        sum_logps (S,) fp32: sum over targets of log p(token); mean_nll (S,) = -sum_logps / n_tokens (0 when a
+        sequence has no targets); n_tokens (S,) int64.
+    """
+    logps = token_logps(model, batch, chunk_size)                        # (S, T), 0 off-target
+    sum_logps = logps.sum(dim=1)                                         # (S,)
+    n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)       # (S,)
     mean_nll = -sum_logps / n_tokens.clamp(min=1).to(sum_logps.dtype)    # (S,)
     return sum_logps, mean_nll, n_tokens
 
