@@ -97,6 +97,9 @@ class WarmStartConfig(_Section):
     micro_batch_size: int = Field(16, gt=0)
     global_batch_size: int = Field(32, gt=0)
     direct_fraction: float = Field(0.25, ge=0.0, le=1.0)  # share of demonstrations in direct-answer mode
+    examples: int | None = Field(None, gt=0)  # demonstrations with images: the first N training prompts (None: all)
+    text_drills: int = Field(0, ge=0)  # text-only demonstrations (images dropped) from the next training prompts
+    glance_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of CoT demonstrations in glance style (synthetic)
 
 
 class ServingConfig(_Section):

@@ -4,7 +4,8 @@ Every prompt mpo-online samples from, built-in synthetic tasks (mpo_online/tasks
 `PROMPT_SCHEMA`:
 
     id        string             unique key; pairs, rollouts and metrics refer to prompts by it
-    question  string             the user turn's text (no "<image>" placeholders: images travel as separate parts)
+    question  string             the user turn's text; "<image>" marks where each image goes (one per image; without
+                                 placeholders the images come first, see records.content_parts)
     images    list<binary>       encoded image bytes (PNG/JPEG/anything PIL decodes); [] for a text-only prompt
     answer    string, nullable   ground-truth final answer; null = no ground truth
     kind      string             "qa" (has an answer: reward = answer match) or "open" (no answer: Dropout-NTP pairs)
@@ -122,8 +123,11 @@ def _first(row: dict, names: tuple[str, ...]) -> Any:
     return None
 
 
-def _question_text(q: Any) -> Any:
-    """A question string, or the text of the last user turn of a chat-message list (TRL conversational format)."""
+def _question_text(q: Any, n_images: int) -> Any:
+    """A question string, or the text of the last user turn of a chat-message list (TRL conversational format).
+
+    "<image>" placeholders are kept where they place images inside or after the text (one per image); leading ones
+    (MMPR's "<image>\nQuestion") and mismatching counts are removed: the images then go first, the default layout."""
     if isinstance(q, list) and q and all(isinstance(m, dict) and "role" in m for m in q):
         users = [m for m in q if m.get("role") == "user"] or q
         content = users[-1].get("content")
@@ -131,7 +135,10 @@ def _question_text(q: Any) -> Any:
             content = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         q = content
     if isinstance(q, str):
-        # Images are passed as separate content parts; a literal "<image>" (MMPR style) would add a second one.
+        text_first = bool(q.split("<image>")[0].strip())
+        after_text = any(piece.strip() for piece in q.split("<image>")[:-1])  # some image comes after some text
+        if q.count("<image>") == n_images and n_images and (text_first or after_text):
+            return q.strip()
         return _IMAGE_PLACEHOLDER.sub("", q).strip()
     return q
 
@@ -238,7 +245,7 @@ def normalize_row(row: dict, base_dir: str | Path | None = None) -> dict:
         except (TypeError, ValueError) as e:
             raise RowError(R_INVALID_META, f"meta is not JSON-serialisable: {e}") from None
 
-    out = {"id": None, "question": _question_text(_first(row, ALIASES["question"])), "images": images,
+    out = {"id": None, "question": _question_text(_first(row, ALIASES["question"]), len(images)), "images": images,
            "answer": answer, "kind": kind, "solution": solution, "meta": meta}
     rid = _first(row, ALIASES["id"])
     if isinstance(rid, int) and not isinstance(rid, bool):

@@ -40,9 +40,32 @@ def image_dependence(with_image: list[str], without_image: list[str]) -> float:
     return 1.0 - sum(ratios) / len(ratios)
 
 
+def chain_rates(rows: list[dict], texts: list[str], correct: list[bool]) -> dict:
+    """For synthetic tasks (meta with `cells`): how often CoT chains scan, hold together and read the image right,
+    and accuracy per task level. {} for other prompts."""
+    import json
+
+    from mpo_online.chains import check_chain
+    checks, levels = [], {}
+    for r, t, ok in zip(rows, texts, correct):
+        meta = json.loads(r.get("meta") or "{}")
+        if "cells" not in meta or meta.get("op") == "describe":
+            continue
+        checks.append(check_chain(t, meta["op"], meta["colors"], meta["cells"]))
+        levels.setdefault(str(meta.get("level")), []).append(ok)
+    if not checks:
+        return {}
+    n = len(checks)
+    return {"chain_scanned": sum(c["scanned"] for c in checks) / n,
+            "chain_consistent": sum(c["consistent"] for c in checks) / n,
+            "chain_perceived": sum(c["perceived"] for c in checks) / n,
+            "accuracy_cot_by_level": {k: sum(v) / len(v) for k, v in sorted(levels.items())}}
+
+
 def evaluate(generate: Generate, rows: list[dict], *, cot_instruction: str = "", direct_instruction: str = "",
              max_tokens: int = 96) -> dict:
-    """Evaluate on prompt-schema rows: `qa` rows give accuracies, `open` rows give the image-dependence measure."""
+    """Evaluate on prompt-schema rows: `qa` rows give accuracies, `open` rows give the image-dependence measure;
+    synthetic-task rows also give chain_rates (is the answer caused by what the chain states?)."""
     qa = [r for r in rows if r.get("answer") is not None]
     open_rows = [r for r in rows if r.get("answer") is None]
     requests = [greedy_request(r["question"] + cot_instruction, r["images"], max_tokens=max_tokens) for r in qa]
@@ -60,7 +83,7 @@ def evaluate(generate: Generate, rows: list[dict], *, cot_instruction: str = "",
         "format_failure_rate": cot["format_failure_rate"],
         "format_failure_rate_direct": direct["format_failure_rate"],
         "image_dependence": image_dependence(texts[2 * n:2 * n + m], texts[2 * n + m:]),
-        "n_qa": n, "n_open": m,
+        "n_qa": n, "n_open": m, **chain_rates(qa, texts[:n], cot["correct"]),
         "examples": [{"id": r["id"], "gold": r["answer"], "text": t} for r, t in zip(qa[:3], texts[:3])],
     }
 

@@ -36,7 +36,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 
-from mpo_online.records import PreferencePair, Rollout
+from mpo_online.records import PreferencePair, Rollout, strip_placeholders
 from mpo_online.verify import answers_match, extract_final_answer
 
 

@@ -94,10 +94,45 @@ class RoundManifest:
 
 # --- conversational messages (TRL / OpenAI layout) ----------------------------------------------------------------
 
+# Where a question puts its images. A question may mark each image's position with IMAGE_PLACEHOLDER (LLaVA / MMPR
+# style); without placeholders (or with a count that does not match the images) the images come first, then the
+# text, the order SmolVLM/Idefics3 data use. The synthetic tasks put the image AFTER the question: then the response
+# starts at a fixed distance from every image token, which a small RoPE model can learn to read cell by cell.
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def strip_placeholders(question: str) -> str:
+    """The question's text with the image placeholders removed (for text-only prompts)."""
+    return question.replace(IMAGE_PLACEHOLDER, "")
+
+
+def content_parts(question: str, n_images: int, image_part) -> list[dict]:
+    """The user turn's content parts: text pieces and `image_part(i)` for image i, in the question's layout."""
+    pieces = question.split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 != n_images or n_images == 0:
+        return [image_part(i) for i in range(n_images)] + [{"type": "text", "text": strip_placeholders(question)}]
+    parts: list[dict] = []
+    for i, piece in enumerate(pieces):
+        if piece:
+            parts.append({"type": "text", "text": piece})
+        if i < n_images:
+            parts.append(image_part(i))
+    return parts
+
+
 def user_message(question: str, n_images: int) -> list[dict]:
-    """The prompt as one user turn: image placeholders first, then the text (the order SmolVLM/Idefics3 use)."""
-    parts = [{"type": "image", "text": None} for _ in range(n_images)]
-    return [{"role": "user", "content": parts + [{"type": "text", "text": question}]}]
+    """The prompt as one user turn (TRL layout: image parts carry no data; the row's `images` column does)."""
+    return [{"role": "user", "content": content_parts(question, n_images, lambda i: {"type": "image", "text": None})}]
+
+
+def prompt_question(messages: list[dict]) -> str:
+    """The question of a user_message() prompt, placeholders back where images sat (none for images-first)."""
+    parts = [p for m in messages or [] for p in (m["content"] if not isinstance(m["content"], str)
+                                                  else [{"type": "text", "text": m["content"]}])]
+    kinds = [p.get("type") == "text" for p in parts]
+    if not any(t and not kinds[i + 1] for i, t in enumerate(kinds[:-1])):  # no image after a text: images first
+        return message_text(messages)
+    return "".join(p.get("text") or "" if p.get("type") == "text" else IMAGE_PLACEHOLDER for p in parts)
 
 
 def assistant_message(text: str) -> list[dict]:
@@ -160,7 +195,7 @@ def row_to_pair(row: dict) -> PreferencePair:
     rejected = row.get("rejected")
     return PreferencePair(
         pair_id=row["pair_id"], prompt_id=row["prompt_id"], kind=row["kind"],
-        question=message_text(row["prompt"]), images=[im["bytes"] for im in row.get("images") or []],
+        question=prompt_question(row["prompt"]), images=[im["bytes"] for im in row.get("images") or []],
         chosen=message_text(row["chosen"]), rejected=message_text(rejected) if len(rejected or []) else None,
         round=int(row.get("round") or 0), policy_version=int(row.get("policy_version") or 0),
         gold_answer=row.get("gold_answer"), chosen_answer=row.get("chosen_answer"),
@@ -205,10 +240,12 @@ def write_parquet_atomic(table, path) -> str:
 def openai_messages(question: str, images: list[bytes], *, with_images: bool = True) -> list[dict]:
     """The prompt as OpenAI chat messages (images as PNG data URLs), the form vLLM's `chat` and the Serve app accept."""
     import base64
-    parts = []
-    if with_images:
-        for img in images:
-            kind = "jpeg" if img[:3] == b"\xff\xd8\xff" else "png"
-            url = f"data:image/{kind};base64," + base64.b64encode(img).decode()
-            parts.append({"type": "image_url", "image_url": {"url": url}})
-    return [{"role": "user", "content": parts + [{"type": "text", "text": question}]}]
+
+    def image_url(i: int) -> dict:
+        img = images[i]
+        kind = "jpeg" if img[:3] == b"\xff\xd8\xff" else "png"
+        return {"type": "image_url", "image_url": {"url": f"data:image/{kind};base64," + base64.b64encode(img).decode()}}
+
+    if not with_images:
+        return [{"role": "user", "content": [{"type": "text", "text": strip_placeholders(question)}]}]
+    return [{"role": "user", "content": content_parts(question, len(images), image_url)}]

@@ -3,15 +3,20 @@
 Each task is one 64x64 image (a 4x4 grid of 16 px cells, one shape per cell at most, so each vision patch of the
 tiny default policy sees one cell) and a short question whose answer needs the image:
 
-    level 1  "How many red shapes are there?"                                  -> count
-    level 2  "How many red and blue shapes are there in total?"                -> sum
-             "How many more red shapes than blue shapes are there?"            -> difference (never negative)
-    level 3  "Multiply the number of red shapes by the number of green shapes." -> product
-    open     "Describe the image."  (no ground truth; answer None, kind "open")
+    level 1  "How many red shapes are there?<image>"                                  -> count
+    level 2  "How many red and blue shapes are there in total?<image>"                -> sum
+             "How many more red shapes than blue shapes are there?<image>"            -> difference (never negative)
+    level 3  "Multiply the number of red shapes by the number of green shapes.<image>" -> product
+    open     "Describe the image.<image>"  (no ground truth; answer None, kind "open")
+
+The `<image>` placeholder puts the image after the question (mpo_online.records.content_parts), right before the
+response: see mpo_online.chains for why.
 
 Each colour's count is drawn uniformly from 0..max_count (redrawn until the shapes fit the grid), so the question
-alone says little about the answer: `blind_accuracy_bound` measures how little. Every task carries a short chain of
-thought (`solution`) ending in "Final answer: <n>" for warm-start SFT; open tasks carry a description instead.
+alone says little about the answer: `blind_accuracy_bound` measures how little. Every task carries a worked chain of
+thought (`solution`: scan-and-tally lines ending in "Final answer: <n>", mpo_online.chains) for warm-start SFT; open
+tasks carry a description in the same line format. `meta` holds the level, op, asked colours, counts, the grid as a
+row-major cell string (`cells`, one letter or "." per cell) and a glance-style chain (`glance`).
 Rows are in `mpo_online.data.PROMPT_SCHEMA`, the schema users bring their own prompts in.
 
 Launched by the jobs/CLI through `write_task_splits(out_dir, n_train, n_heldout, seed)`, or directly:
@@ -29,6 +34,11 @@ import random
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
+
+from mpo_online.chains import COLOR_LETTERS, describe_solution, glance_solution, worked_solution
+from mpo_online.records import IMAGE_PLACEHOLDER
+
+FORMAT = 2  # 2: image after the question, scan-and-tally chains (mpo_online.chains); 1: glance chains, image first
 
 # Far apart in RGB so one sampled pixel (or one 16 px patch) tells the colours apart.
 COLORS = {"red": (220, 20, 20), "green": (20, 170, 20), "blue": (20, 40, 220), "yellow": (240, 200, 0)}
@@ -85,29 +95,22 @@ def describe(counts: dict[str, int], colors: tuple[str, ...]) -> str:
 
 
 def _question(rng: random.Random, level: int, counts: dict[str, int], colors: tuple[str, ...]):
-    """-> (op, asked colours, question, answer int, solution text)."""
+    """-> (op, asked colours, question text without the image placeholder)."""
     if level == 1:
         a = rng.choice(colors)
-        n = counts[a]
-        return "count", [a], f"How many {a} shapes are there?", n, f"I see {n} {a}.\nFinal answer: {n}"
+        return "count", [a], f"How many {a} shapes are there?"
     if level == 2:
         op = rng.choice(("sum", "diff"))
         a, b = rng.sample(colors, 2)
         if op == "diff" and counts[a] < counts[b]:
             a, b = b, a  # ask for the larger minus the smaller: answers stay non-negative integers
-        x, y = counts[a], counts[b]
         if op == "sum":
-            q, sym, n = f"How many {a} and {b} shapes are there in total?", "+", x + y
-        else:
-            q, sym, n = f"How many more {a} shapes than {b} shapes are there?", "-", x - y
-    else:
-        op = "product"
-        # Prefer colours that are present: with a zero factor a third of the time, "0" would be a strong blind guess.
-        present = [c for c in colors if counts[c] > 0]
-        a, b = rng.sample(present if len(present) >= 2 else list(colors), 2)
-        x, y = counts[a], counts[b]
-        q, sym, n = f"Multiply the number of {a} shapes by the number of {b} shapes.", "*", x * y
-    return op, [a, b], q, n, f"I see {x} {a} and {y} {b}. {x} {sym} {y} = {n}.\nFinal answer: {n}"
+            return op, [a, b], f"How many {a} and {b} shapes are there in total?"
+        return op, [a, b], f"How many more {a} shapes than {b} shapes are there?"
+    # Prefer colours that are present: with a zero factor a third of the time, "0" would be a strong blind guess.
+    present = [c for c in colors if counts[c] > 0]
+    a, b = rng.sample(present if len(present) >= 2 else list(colors), 2)
+    return "product", [a, b], f"Multiply the number of {a} shapes by the number of {b} shapes."
 
 
 def _check_args(grid, colors, max_count, levels, open_fraction):
@@ -144,14 +147,19 @@ def iter_tasks(seed: int, *, grid: int = 4, colors: tuple[str, ...] = ("red", "g
                 pos = next(slots)
                 cells[pos // grid][pos % grid] = (c, rng.choice(SHAPES))
         png = _png(render_grid(cells, cell_px))
+        scan = "".join("." if c is None else COLOR_LETTERS[c[0]] for row in cells for c in row)  # row-major
         if rng.random() < open_fraction:
             level, op, asked, question, answer = None, "describe", [], OPEN_QUESTION, None
-            solution = describe(counts, colors)
+            solution, glance = describe_solution(scan, colors), describe(counts, colors)
         else:
             level = rng.choice(levels)
-            op, asked, question, n, solution = _question(rng, level, counts, colors)
-            answer = str(n)
-        meta = {"level": level, "op": op, "colors": asked, "counts": counts, "grid": grid}
+            op, asked, question = _question(rng, level, counts, colors)
+            solution, n = worked_solution(op, asked, scan)
+            answer, glance = str(n), glance_solution(op, asked, counts)
+        # The image follows the question: the chain's scan lines then sit at a fixed distance from the image tokens.
+        question += IMAGE_PLACEHOLDER
+        meta = {"level": level, "op": op, "colors": asked, "counts": counts, "grid": grid, "cells": scan,
+                "glance": glance}
         yield {"id": f"{id_prefix}-{seed}-{i:06d}", "question": question, "images": [png], "answer": answer,
                "kind": "open" if answer is None else "qa", "solution": solution,
                "meta": json.dumps(meta, sort_keys=True)}
@@ -235,7 +243,8 @@ def write_task_splits(out_dir: str | Path, n_train: int, n_heldout: int, seed: i
     params = {**defaults, **gen_kwargs}
     has_qa = any(r["answer"] for r in train) and any(r["answer"] for r in heldout)
     info = {
-        "params": {"n_train": n_train, "n_heldout": n_heldout, "seed": seed, "heldout_seed": heldout_seed,
+        "params": {"format": FORMAT, "n_train": n_train, "n_heldout": n_heldout, "seed": seed,
+                   "heldout_seed": heldout_seed,
                    **{k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}},
         "splits": {"train": _split_stats(train), "heldout": _split_stats(heldout)},
         "heldout_skipped_as_in_train": skipped,

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from mpo_online.records import PreferencePair
+from mpo_online.records import PreferencePair, strip_placeholders
 
 
 def ensure_model(path: str, *, init_if_missing: bool, text_only: bool = False, seed: int = 0) -> Path:
@@ -48,28 +48,50 @@ def _check_task_params(p: Path, **want) -> None:
     info = p / "tasks.json"
     if not info.exists():
         return
+    from mpo_online.tasks import FORMAT
     have = json.loads(info.read_text()).get("params", {})
-    diff = {k: (have.get(k), v) for k, v in want.items() if k in have and have[k] != v}
+    want = {"format": FORMAT, **want}
+    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
     if diff:
         raise ValueError(f"{p} holds synthetic tasks generated with other parameters (have, config): {diff}; point "
                          "data.dir at a new directory or delete this one to regenerate it")
 
 
 def sft_examples(rows: list[dict], *, cot_instruction: str, direct_instruction: str, direct_fraction: float,
-                 seed: int) -> list[PreferencePair]:
-    """One SFT example per prompt with a demonstration; a seeded share of the `qa` ones in direct-answer form."""
+                 seed: int, glance_fraction: float = 0.0, text_only: bool = False) -> list[PreferencePair]:
+    """One SFT example per prompt with a demonstration; a seeded share of the `qa` ones in direct-answer form.
+
+    glance_fraction: share of the CoT demonstrations that use the row's glance-style chain (meta["glance"], synthetic
+        tasks) instead of its worked solution. text_only: drop the images (and their placeholders): text drills of the
+        chain format, which teach the text side (tallies, copying, arithmetic) without any perception."""
     rng = random.Random(seed)
     out = []
     for r in rows:
         if not r.get("solution"):
             continue
         direct = r.get("answer") is not None and rng.random() < direct_fraction
+        glance = json.loads(r.get("meta") or "{}").get("glance") if rng.random() < glance_fraction else None
         question = r["question"] + (direct_instruction if direct else cot_instruction if r.get("answer") else "")
-        chosen = f"Final answer: {r['answer']}" if direct else r["solution"]
+        chosen = f"Final answer: {r['answer']}" if direct else glance or r["solution"]
+        images = [] if text_only else list(r["images"])
+        if text_only:
+            question = strip_placeholders(question)
         out.append(PreferencePair(pair_id=PreferencePair.make_id(r["id"], "sft", chosen, None), prompt_id=r["id"],
-                                  kind="sft", question=question, images=list(r["images"]), chosen=chosen,
+                                  kind="sft", question=question, images=images, chosen=chosen,
                                   rejected=None, gold_answer=r.get("answer")))
     return out
+
+
+def warm_start_data(rows: list[dict], *, examples: int | None, text_drills: int, cot_instruction: str,
+                    direct_instruction: str, direct_fraction: float, glance_fraction: float,
+                    seed: int) -> list[PreferencePair]:
+    """The warm start's SFT set: the first `examples` training rows with their images (None: all), then text-only
+    drills from the next `text_drills` rows (other grids than the image examples), shuffled by the trainer."""
+    n = len(rows) if examples is None else min(examples, len(rows))
+    kw = dict(cot_instruction=cot_instruction, direct_instruction=direct_instruction,
+              direct_fraction=direct_fraction, glance_fraction=glance_fraction)
+    return (sft_examples(rows[:n], seed=seed, **kw)
+            + sft_examples(rows[n:n + text_drills], seed=seed + 1, text_only=True, **kw))
 
 
 def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool = True) -> dict:
@@ -95,10 +117,11 @@ def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool =
             shutil.copytree(base, out)
         else:
             ws = cfg.warm_start
-            examples = sft_examples(load_prompts(data / "train.parquet")[0],
-                                    cot_instruction=cfg.data.cot_instruction,
-                                    direct_instruction=cfg.data.direct_instruction,
-                                    direct_fraction=ws.direct_fraction, seed=cfg.data.seed)
+            examples = warm_start_data(load_prompts(data / "train.parquet")[0], examples=ws.examples,
+                                       text_drills=ws.text_drills, cot_instruction=cfg.data.cot_instruction,
+                                       direct_instruction=cfg.data.direct_instruction,
+                                       direct_fraction=ws.direct_fraction, glance_fraction=ws.glance_fraction,
+                                       seed=cfg.data.seed)
             sft_path = run.root / "warm_start_sft.parquet"
             write_parquet_atomic(pairs_to_table(examples), sft_path)
             if not ray.is_initialized():

@@ -37,16 +37,30 @@ def _classify(rgb) -> str | None:
     raise AssertionError(f"unexpected pixel colour {rgb}")
 
 
-def pixel_counts(png: bytes, grid: int = 4) -> Counter:
+def pixel_cells(png: bytes, grid: int = 4) -> list:
+    """Each cell's colour name (None = empty), row-major, read off the centre pixels."""
     img = Image.open(io.BytesIO(png)).convert("RGB")
     assert img.size == (grid * CELL, grid * CELL)
-    found = (_classify(img.getpixel((c * CELL + CELL // 2, r * CELL + CELL // 2)))
-             for r in range(grid) for c in range(grid))
-    return Counter(name for name in found if name)
+    return [_classify(img.getpixel((c * CELL + CELL // 2, r * CELL + CELL // 2))) for r in range(grid)
+            for c in range(grid)]
+
+
+def pixel_counts(png: bytes, grid: int = 4) -> Counter:
+    return Counter(name for name in pixel_cells(png, grid) if name)
+
+
+def expected_line(cells: list, color: str) -> str:
+    """The scan line of one colour, rebuilt from the pixels: '.' or the running count, one char per cell."""
+    out, k = [], 0
+    for name in cells:
+        k += name == color
+        out.append(str(k) if name == color else ".")
+    return f"{color[0]}: {''.join(out)} = {k}"
 
 
 def oracle_answer(question: str, counts: Counter) -> str | None:
     """Answer a question from counts read off the image, by parsing the question text."""
+    question = question.removesuffix("<image>")  # the image follows the question
     if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
         return str(counts[m[1]])
     if m := re.fullmatch(r"How many (\w+) and (\w+) shapes are there in total\?", question):
@@ -108,17 +122,21 @@ def test_answers_match_the_pixels_and_solutions_end_in_final_answer():
         if r["kind"] == "qa":
             assert r["answer"] == oracle_answer(r["question"], counts), r
             assert int(r["answer"]) >= 0
-            assert r["solution"].split("\n")[-1] == f"Final answer: {r['answer']}"
-            assert r["solution"].count("\n") == 1 and len(r["solution"]) < 80  # short: char-level tokenizer
-            first = r["solution"].split("\n")[0]
-            assert first.startswith("I see ")
-            for color in meta["colors"]:
-                assert f"{counts[color]} {color}" in first
+            lines = r["solution"].split("\n")
+            assert lines[-1] == f"Final answer: {r['answer']}"
+            cells = pixel_cells(r["images"][0])
+            assert lines[:len(meta["colors"])] == [expected_line(cells, c) for c in meta["colors"]]
+            if len(meta["colors"]) == 2:  # the arithmetic line reads the two stated counts
+                x, y = (counts[c] for c in meta["colors"])
+                assert re.fullmatch(rf"{x} [-+*] {y} = {r['answer']}", lines[2]), lines
+            assert len(lines) == 2 * len(meta["colors"]) and len(r["solution"]) < 90  # short: char-level tokens
+            first = meta["glance"].split("\n")[0]
+            assert first.startswith("I see ") and all(f"{counts[c]} {c}" in first for c in meta["colors"])
         else:
-            assert r["answer"] is None and r["question"] == "Describe the image." and meta["level"] is None
+            assert r["answer"] is None and r["question"] == "Describe the image.<image>" and meta["level"] is None
             assert "Final answer" not in r["solution"]
-            for color, n in counts.items():
-                assert f"{n} {color}" in r["solution"]
+            cells = pixel_cells(r["images"][0])
+            assert r["solution"].split("\n") == [expected_line(cells, c) for c in ("red", "green", "blue", "yellow")]
 
 
 def test_counts_are_uniform_per_colour():
@@ -131,7 +149,7 @@ def test_counts_are_uniform_per_colour():
 
 def test_difficulty_knobs_change_questions():
     lv1 = generate_tasks(200, seed=3, levels=(1,), open_fraction=0.0)
-    assert all(re.fullmatch(r"How many \w+ shapes are there\?", r["question"]) for r in lv1)
+    assert all(re.fullmatch(r"How many \w+ shapes are there\?<image>", r["question"]) for r in lv1)
     lv2 = generate_tasks(200, seed=3, levels=(2,), open_fraction=0.0)
     ops = Counter(json.loads(r["meta"])["op"] for r in lv2)
     assert set(ops) == {"sum", "diff"} and min(ops.values()) > 50
@@ -156,7 +174,7 @@ def test_open_family():
     rows = generate_tasks(1000, seed=4)
     opens = [r for r in rows if r["kind"] == "open"]
     assert 0.11 < len(opens) / len(rows) < 0.19  # open_fraction=0.15
-    assert all(r["answer"] is None and r["solution"].endswith(".") for r in opens)
+    assert all(r["answer"] is None and r["solution"].startswith("r: ") for r in opens)
     assert all(r["kind"] == "qa" and r["answer"] is not None for r in rows if r not in opens)
     assert not [r for r in generate_tasks(100, seed=4, open_fraction=0.0) if r["kind"] == "open"]
     assert all(r["kind"] == "open" for r in generate_tasks(20, seed=4, open_fraction=1.0))

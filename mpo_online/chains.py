@@ -1,0 +1,119 @@
+"""The synthetic tasks' chain of thought: render a worked solution, and check a model's chain against the image.
+
+A chain scans the 4x4 grid once per colour the question asks about, one character per cell in reading order:
+"." for a cell without that colour, else the running count of that colour so far; the line ends with the count.
+
+    "How many red and blue shapes are there in total?<image>"
+    r: 1......2.3...... = 3
+    b: ....1......2.... = 2
+    3 + 2 = 5
+    Final answer: 5
+
+Why this shape (each point was measured to matter for the tiny default policy; README "Self-improvement"):
+- Every character of a scan line is a perception decision the answer depends on, so a chain whose final answer is
+  right almost always read the image right: correct samples are correct for the right reason, and a preference
+  pair differs exactly where the image was misread. (With a chain that names every cell's colour, a correct answer
+  still carried wrong cells of other colours, and training on it taught them.)
+- One character per cell, and the image sits right before the response (tasks put the `<image>` placeholder after
+  the question), so cell k of any line is at a fixed distance from image token k: a position-only attention head
+  reads the grid. With the image before a question of varying length, the scan had to be found by content and the
+  policy learnt it several times slower.
+- Every other step is local: a running count is the previous digit + 1, a line's count copies its last digit, the
+  arithmetic reads two copied numbers, the final answer copies the result. So the answer follows from what the chain
+  states — `check_chain` verifies that, and the warm start drills it on text-only chains first.
+
+Describe tasks ("Describe the image.", no ground truth) answer with one such line per colour of the palette.
+Pure functions, no I/O; used by mpo_online.tasks (demonstrations), mpo_online.evaluate and the loop's round records.
+"""
+
+from __future__ import annotations
+
+import re
+
+COLOR_LETTERS = {"red": "r", "green": "g", "blue": "b", "yellow": "y"}
+OP_SYMBOL = {"sum": "+", "diff": "-", "product": "*"}
+_LINE = re.compile(r"^([a-z]): ([.0-9]+) = (\d+)$")
+_ARITH = re.compile(r"^(\d+) ([+\-*]) (\d+) = (-?\d+)$")
+_FINAL = re.compile(r"^Final answer: (-?\d+)$")
+
+
+def scan_line(cells: str, letter: str) -> tuple[str, int]:
+    """("r: 1......2.3...... = 3", 3): the tally line of one colour over the row-major cell string."""
+    k, out = 0, []
+    for ch in cells:
+        if ch == letter:
+            k += 1
+            out.append(str(k))
+        else:
+            out.append(".")
+    return f"{letter}: {''.join(out)} = {k}", k
+
+
+def worked_solution(op: str, colors: list[str], cells: str) -> tuple[str, int]:
+    """The careful chain for a question (op count/sum/diff/product over `colors`) and its answer."""
+    lines, counts = [], []
+    for c in colors:
+        line, k = scan_line(cells, COLOR_LETTERS[c])
+        lines.append(line)
+        counts.append(k)
+    if op == "count":
+        n = counts[0]
+    else:
+        x, y = counts
+        n = {"sum": x + y, "diff": x - y, "product": x * y}[op]
+        lines.append(f"{x} {OP_SYMBOL[op]} {y} = {n}")
+    return "\n".join(lines + [f"Final answer: {n}"]), n
+
+
+def describe_solution(cells: str, palette: tuple[str, ...]) -> str:
+    """The description of a grid: one tally line per palette colour."""
+    return "\n".join(scan_line(cells, COLOR_LETTERS[c])[0] for c in palette)
+
+
+def glance_solution(op: str, colors: list[str], counts: dict[str, int]) -> str:
+    """A chain that states the counts at a glance ("I see 3 red and 2 blue. 3 + 2 = 5."), without scanning."""
+    xs = [counts[c] for c in colors]
+    if op == "count":
+        return f"I see {xs[0]} {colors[0]}.\nFinal answer: {xs[0]}"
+    n = {"sum": xs[0] + xs[1], "diff": xs[0] - xs[1], "product": xs[0] * xs[1]}[op]
+    return f"I see {xs[0]} {colors[0]} and {xs[1]} {colors[1]}. {xs[0]} {OP_SYMBOL[op]} {xs[1]} = {n}.\nFinal answer: {n}"
+
+
+def check_chain(text: str, op: str, colors: list[str], cells: str) -> dict:
+    """What a model's chain states and whether it holds together.
+
+    Returns {"scanned": the chain has one well-formed scan line per asked colour (in order),
+             "consistent": every line's tallies run 1..k and its count is k, the arithmetic line is right for the
+                           stated counts, and the final answer is what the chain computed (the answer follows from
+                           the chain; checked for scanned chains only, else False),
+             "perceived": every scan line matches the image}.
+    Never raises on model output; anything unparseable is simply not scanned/consistent.
+    """
+    lines = [ln.strip() for ln in text.strip().splitlines()]
+    out = {"scanned": False, "consistent": False, "perceived": False}
+    want = [COLOR_LETTERS.get(c) for c in colors]
+    parsed = [_LINE.match(ln) for ln in lines[:len(want)]]
+    if len(parsed) != len(want) or not all(parsed) or [m.group(1) for m in parsed] != want \
+            or any(len(m.group(2)) != len(cells) for m in parsed):
+        return out
+    out["scanned"] = True
+    out["perceived"] = all(m.group(0) == scan_line(cells, m.group(1))[0] for m in parsed)
+    counts = []
+    ok = True
+    for m in parsed:
+        digits = [int(ch) for ch in m.group(2) if ch != "."]
+        ok &= digits == list(range(1, len(digits) + 1)) and int(m.group(3)) == len(digits)
+        counts.append(int(m.group(3)))
+    rest = lines[len(want):]
+    if op == "count":
+        result = counts[0]
+    else:
+        arith = _ARITH.match(rest[0]) if rest else None
+        if arith is None:
+            return out
+        x, sym, y, n = int(arith.group(1)), arith.group(2), int(arith.group(3)), int(arith.group(4))
+        ok &= (x, y, sym) == (counts[0], counts[1], OP_SYMBOL[op]) and n == {"+": x + y, "-": x - y, "*": x * y}[sym]
+        result, rest = n, rest[1:]
+    final = _FINAL.match(rest[0]) if rest else None
+    out["consistent"] = bool(ok and final is not None and int(final.group(1)) == result)
+    return out

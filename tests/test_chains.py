@@ -1,0 +1,68 @@
+"""Tests for mpo_online.chains (render and check the synthetic tasks' chains) and for the image-placement convention
+(records.content_parts / prompt_question, data._question_text) the tasks rely on. Pure logic, no Ray."""
+
+from mpo_online.chains import check_chain, describe_solution, glance_solution, scan_line, worked_solution
+from mpo_online.data import normalize_row
+from mpo_online.records import (PreferencePair, openai_messages, pair_to_row, row_to_pair, strip_placeholders,
+                                user_message)
+
+# Row-major 4x4 grid: r at cells 0, 7, 9; b at 4, 11; g at 15.
+CELLS = "r...b..r.r.b...g"
+
+
+def test_scan_lines_and_worked_solutions_by_hand():
+    assert scan_line(CELLS, "r") == ("r: 1......2.3...... = 3", 3)
+    assert scan_line(CELLS, "y") == ("y: ................ = 0", 0)
+    text, n = worked_solution("sum", ["red", "blue"], CELLS)
+    assert (text, n) == ("r: 1......2.3...... = 3\nb: ....1......2.... = 2\n3 + 2 = 5\nFinal answer: 5", 5)
+    assert worked_solution("count", ["green"], CELLS) == ("g: ...............1 = 1\nFinal answer: 1", 1)
+    assert worked_solution("diff", ["red", "blue"], CELLS)[1] == 1
+    assert describe_solution(CELLS, ("red", "yellow")) == "r: 1......2.3...... = 3\ny: ................ = 0"
+    assert glance_solution("product", ["red", "blue"], {"red": 3, "blue": 2}) == \
+        "I see 3 red and 2 blue. 3 * 2 = 6.\nFinal answer: 6"
+
+
+def test_check_chain_tells_consistent_misread_and_broken_chains_apart():
+    right, _ = worked_solution("sum", ["red", "blue"], CELLS)
+    assert check_chain(right, "sum", ["red", "blue"], CELLS) == {"scanned": True, "consistent": True,
+                                                                 "perceived": True}
+    # Misread one red cell, but every later step follows the chain: consistent, not perceived (answer 4, gold 5).
+    misread = "r: 1......2........ = 2\nb: ....1......2.... = 2\n2 + 2 = 4\nFinal answer: 4"
+    assert check_chain(misread, "sum", ["red", "blue"], CELLS) == {"scanned": True, "consistent": True,
+                                                                   "perceived": False}
+    # The answer does not follow from the stated counts ("3 + 2 = 5" but final 4): not consistent.
+    jump = right.replace("Final answer: 5", "Final answer: 4")
+    assert check_chain(jump, "sum", ["red", "blue"], CELLS)["consistent"] is False
+    # A line whose count is not its last tally, and tallies that skip a number.
+    assert not check_chain("r: 1......2.3...... = 2\nFinal answer: 2", "count", ["red"], CELLS)["consistent"]
+    assert not check_chain("r: 1......2.4...... = 4\nFinal answer: 4", "count", ["red"], CELLS)["consistent"]
+    # Glance chains, wrong colour order, truncated output and junk are not scanned chains.
+    for text in (glance_solution("sum", ["red", "blue"], {"red": 3, "blue": 2}),
+                 "b: ....1......2.... = 2\nr: 1......2.3...... = 3\n2 + 3 = 5\nFinal answer: 5",
+                 right[:30], "", "r: 1 = 1\n" * 50):
+        assert check_chain(text, "sum", ["red", "blue"], CELLS) == {"scanned": False, "consistent": False,
+                                                                    "perceived": False}
+
+
+def test_image_placeholder_layout_round_trips():
+    # Default layout (no placeholder): images first, as before; a trailing placeholder puts the image after the text.
+    assert user_message("Q?", 1)[0]["content"] == [{"type": "image", "text": None}, {"type": "text", "text": "Q?"}]
+    assert user_message("Q?<image>", 1)[0]["content"] == [{"type": "text", "text": "Q?"},
+                                                          {"type": "image", "text": None}]
+    parts = openai_messages("Q?<image> Answer directly.", [b"\x89PNG"])[0]["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url", "text"]
+    assert openai_messages("Q?<image>", [b"\x89PNG"], with_images=False)[0]["content"] == [{"type": "text",
+                                                                                             "text": "Q?"}]
+    assert strip_placeholders("A<image>B") == "AB"
+    for q, n in (("Q?<image>", 1), ("Q?", 1), ("<image>A<image>B", 2), ("No image", 0)):
+        pair = PreferencePair(pair_id="p", prompt_id="q", kind="sft", question=q, images=[b"x"] * n, chosen="c",
+                              rejected=None)
+        assert row_to_pair(pair_to_row(pair)).question == q
+
+
+def test_prompt_rows_keep_placeholders_that_place_images():
+    img = {"bytes": b"\x89PNG"}
+    assert normalize_row({"question": "<image>\nWhat?", "images": [img]})["question"] == "What?"  # MMPR: image first
+    assert normalize_row({"question": "What?<image>", "images": [img]})["question"] == "What?<image>"
+    assert normalize_row({"question": "What?<image>", "images": []})["question"] == "What?"  # no image: dropped
+    assert normalize_row({"question": "A<image>B<image>", "images": [img]})["question"] == "AB"  # count mismatch
