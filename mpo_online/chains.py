@@ -117,3 +117,23 @@ def check_chain(text: str, op: str, colors: list[str], cells: str) -> dict:
     final = _FINAL.match(rest[0]) if rest else None
     out["consistent"] = bool(ok and final is not None and int(final.group(1)) == result)
     return out
+
+
+def pair_chain_rates(pairs: list[dict], meta_by_id: dict[str, dict]) -> dict:
+    """Over correctness pairs (pair-schema rows) of synthetic tasks: how often the chosen (correct) and the rejected
+    responses read the image right and hold together. A high chosen_perceived means correct samples are correct for
+    the right reason, so the pairs carry perception signal. {} when no pair belongs to a synthetic task."""
+    from mpo_online.records import message_text
+
+    n, rates = 0, dict.fromkeys(("chosen_perceived", "chosen_consistent", "rejected_perceived",
+                                 "rejected_consistent"), 0)
+    for p in pairs:
+        meta = meta_by_id.get(p["prompt_id"])
+        if p["kind"] != "correctness" or not meta or "cells" not in meta:
+            continue
+        n += 1
+        for side in ("chosen", "rejected"):
+            c = check_chain(message_text(p[side]), meta["op"], meta["colors"], meta["cells"])
+            rates[f"{side}_perceived"] += c["perceived"]
+            rates[f"{side}_consistent"] += c["consistent"]
+    return {"pairs_checked": n, **{k: v / n for k, v in rates.items()}} if n else {}
