@@ -236,8 +236,8 @@ def ntp_chosen(rollouts: list[Rollout], *, max_pairs: int, ratio: float,
 
 
 def text_only_messages(question: str) -> list[dict]:
-    """The prompt as one text-only user turn (the image dropped), for the chat template."""
-    return [{"role": "user", "content": [{"type": "text", "text": question}]}]
+    """The prompt as one text-only user turn (the image and its placeholders dropped), for the chat template."""
+    return [{"role": "user", "content": [{"type": "text", "text": strip_placeholders(question)}]}]
 
 
 def ntp_continuation_request(question: str, prefix_token_ids: list[int], *, temperature: float, top_p: float,

@@ -86,11 +86,12 @@ def warm_start_data(rows: list[dict], *, examples: int | None, text_drills: int,
                     direct_instruction: str, direct_fraction: float, glance_fraction: float,
                     seed: int) -> list[PreferencePair]:
     """The warm start's SFT set: the first `examples` training rows with their images (None: all), then text-only
-    drills from the next `text_drills` rows (other grids than the image examples), shuffled by the trainer."""
+    drills (worked chains) from the next `text_drills` rows (other grids than the image examples), shuffled by the
+    trainer."""
     n = len(rows) if examples is None else min(examples, len(rows))
-    kw = dict(cot_instruction=cot_instruction, direct_instruction=direct_instruction,
-              direct_fraction=direct_fraction, glance_fraction=glance_fraction)
-    return (sft_examples(rows[:n], seed=seed, **kw)
+    kw = dict(cot_instruction=cot_instruction, direct_instruction=direct_instruction, direct_fraction=direct_fraction)
+    # drills are always worked chains: a glance chain without its image teaches nothing but guessing
+    return (sft_examples(rows[:n], seed=seed, glance_fraction=glance_fraction, **kw)
             + sft_examples(rows[n:n + text_drills], seed=seed + 1, text_only=True, **kw))
 
 

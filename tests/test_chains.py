@@ -66,3 +66,22 @@ def test_prompt_rows_keep_placeholders_that_place_images():
     assert normalize_row({"question": "What?<image>", "images": [img]})["question"] == "What?<image>"
     assert normalize_row({"question": "What?<image>", "images": []})["question"] == "What?"  # no image: dropped
     assert normalize_row({"question": "A<image>B<image>", "images": [img]})["question"] == "AB"  # count mismatch
+
+
+def test_warm_start_mixes_glance_demos_with_image_free_worked_drills():
+    """4 tasks: the first 2 become image demonstrations (all glance style at glance_fraction 1.0 when they ask a
+    question, CoT since direct_fraction is 0), the next 2 text drills: worked chains, no image, no placeholder."""
+    import json
+
+    from mpo_online.tasks import generate_tasks
+    from mpo_online.warm_start import warm_start_data
+
+    rows = generate_tasks(4, seed=11, levels=(1, 2), open_fraction=0.0)
+    data = warm_start_data(rows, examples=2, text_drills=2, cot_instruction=" Think.", direct_instruction=" Now.",
+                           direct_fraction=0.0, glance_fraction=1.0, seed=0)
+    assert [d.prompt_id for d in data] == [r["id"] for r in rows]
+    for d, r in zip(data[:2], rows[:2]):
+        assert d.chosen == json.loads(r["meta"])["glance"] and d.images == r["images"]
+        assert d.question == r["question"] + " Think."
+    for d, r in zip(data[2:], rows[2:]):
+        assert d.chosen == r["solution"] and d.images == [] and "<image>" not in d.question

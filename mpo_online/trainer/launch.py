@@ -181,6 +181,9 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
         epochs=epochs, total_steps=plan["total_steps"], zero_stage=zero_stage, precision=precision,
         max_grad_norm=max_grad_norm, max_nonfinite_steps=max_nonfinite_steps, logps_chunk_size=logps_chunk_size,
         max_length=max_length, seed=seed, checkpoint_every=checkpoint_every,
+        # one intra-op thread per reserved CPU: the same float reductions (so the same result) whatever the machine's
+        # core count, and two workers on two cores do not spin against each other
+        torch_threads=max(1, int(worker_cpus)),
         nan_on_micro_batches=tuple(_nan_on_micro_batches), fail_after_step=_fail_after_step,
     )
     resources = {"CPU": worker_cpus, **({"GPU": worker_gpus} if worker_gpus else {})}

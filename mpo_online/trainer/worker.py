@@ -153,7 +153,7 @@ def _policy_terms(engine, batch, ref_table: dict, *, pairs: bool, poison: bool) 
 def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, delta_mode, delta_ema_decay, lr,
                  weight_decay, warmup_ratio, micro_batch_size, grad_accum, epochs, total_steps,
                  zero_stage, precision, max_grad_norm, max_nonfinite_steps, logps_chunk_size, max_length, seed,
-                 checkpoint_every, nan_on_micro_batches=(), fail_after_step=None) -> None:
+                 checkpoint_every, torch_threads=1, nan_on_micro_batches=(), fail_after_step=None) -> None:
     t_start = time.time()
     import deepspeed
     import ray.train
@@ -171,6 +171,7 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(seed)
+    torch.set_num_threads(torch_threads)
     device = ray.train.torch.get_device()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     pairs = objective not in ("sft", "rft")
