@@ -408,6 +408,7 @@ class ComponentLogs:
         self._mirror: _ErrorMirror | None = None
         self._errors = 0
         self._dispatcher = None
+        self._stopped = False
 
     def start(self):
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -445,12 +446,24 @@ class ComponentLogs:
         self._dispatcher = dispatcher
 
     def write_batch(self, data: dict) -> None:
-        """One batch of a worker's forwarded lines (Ray's dispatcher format: pid, actor_name/task_name, lines)."""
+        """One batch of a worker's forwarded lines (Ray's dispatcher format: pid, actor_name/task_name, lines).
+        Runs in Ray's log thread: it must not raise (a file closed by stop() meanwhile, an unexpected batch)."""
+        try:
+            self._write_batch(data)
+        except Exception:
+            pass
+
+    def _write_batch(self, data: dict) -> None:
         name = data.get("actor_name") or data.get("task_name") or ""
         pid, lines = data.get("pid"), data.get("lines", [])
+        if self._stopped:  # a batch already in flight when stop() removed the handler
+            return
         if pid == "autoscaler":  # the monitor's whole log is published; Ray prints only its events, so do we
-            from ray._private.worker import filter_autoscaler_events
-            lines = list(filter_autoscaler_events(lines))
+            try:
+                from ray._private.worker import filter_autoscaler_events
+                lines = list(filter_autoscaler_events(lines))
+            except ImportError:
+                lines = []
         if not lines:
             return
         comp = component_of(name) if name else "workers"  # also raylet / autoscaler messages
@@ -478,6 +491,7 @@ class ComponentLogs:
             self.on_error(f"more error lines follow only in {self.dir}/")
 
     def stop(self) -> None:
+        self._stopped = True
         if self._dispatcher is not None:
             self._dispatcher.remove_handler("mpo_component_logs")
             self._dispatcher = None

@@ -166,3 +166,17 @@ def test_component_logs_keep_the_terminal_quiet(tmp_path):
     assert serve == ["(ServeReplica:app:PolicyServer:policy pid=7) INFO vllm engine started",
                      "(ServeReplica:app:PolicyServer:policy pid=7) ERROR engine died"]
     assert (logs / "data.log").read_text() == "(MapBatches(_rollouts) pid=8) task output\n"
+
+
+def test_forwarded_batches_are_routed_and_never_raise(tmp_path):
+    """Ray's log thread calls write_batch: autoscaler monitor dumps are dropped (Ray prints only their events), and a
+    batch arriving after stop() closed the files is ignored rather than raised into Ray's thread."""
+    from mpo_online.console import ComponentLogs
+    logs = ComponentLogs(tmp_path)
+    logs.write_batch({"pid": "autoscaler", "lines": ["INFO autoscaler.py:147 -- The autoscaler took 0.0 seconds",
+                                                     "Node status", "Pending Demands:"]})
+    logs.write_batch({"pid": 5, "actor_name": "RayTrainWorker", "lines": ["step"]})
+    logs.stop()
+    logs.write_batch({"pid": 5, "actor_name": "RayTrainWorker", "lines": ["after stop"]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.log"]
+    assert (tmp_path / "train.log").read_text() == "(RayTrainWorker pid=5) step\n"
