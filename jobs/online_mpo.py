@@ -1,7 +1,7 @@
 """The online MPO loop: the Ray job entry point and the recipe users read.
 
     ray job submit --working-dir . -- python jobs/online_mpo.py --config jobs/configs/tiny_cpu.yaml
-    python jobs/online_mpo.py --config jobs/configs/tiny_cpu.yaml [key=value ...] [--force] [--keep-serving]
+    python jobs/online_mpo.py --config jobs/configs/tiny_cpu.yaml [key=value ...] [--force] [--keep-serving] [--verbose]
     mpo-online run --config jobs/configs/tiny_cpu.yaml            (the same, through the console script)
 
 Setup (Ray, warm-start policy v0, prompts, the Serve app) -> round 0 evaluation -> for each round:
@@ -10,6 +10,9 @@ hot-swap version r into the running engines -> evaluate the served policy -> rec
 
 Every phase ends by rewriting the round's manifest, so killing this job at any moment and starting it again with
 the same run directory resumes at the phase it was in (see mpo_online/run_state.py).
+
+The terminal shows the loop (mpo_online/console.py): a live status line, one line per finished phase and round, the
+rounds table at the end. Ray, Serve, vLLM, Ray Data and Ray Train output goes to <run_dir>/logs/ (--verbose: here).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import sys
 import time
 
 from mpo_online.config import load_config
+from mpo_online.console import Console, train_progress_watcher
 from mpo_online.records import RoundManifest
-from mpo_online.report import Progress, Reporter
+from mpo_online.report import Reporter
 from mpo_online.run_state import RunDir, RunDirError, phase_at_least
 
 
@@ -31,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. trainer.lr=1e-5")
     p.add_argument("--force", action="store_true", help="continue a run directory made by a different config")
     p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up after the last round")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the components' output (Ray, Serve, vLLM, Train) here instead of in <run_dir>/logs/")
     return p.parse_args(argv)
 
 
@@ -48,7 +54,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     run = RunDir.open(cfg.loop.run_dir, cfg, force=args.force)
-    progress = Progress(cfg.loop.rounds)
+    console = Console.for_run(run.root, cfg.loop.rounds, verbose=args.verbose)
     reporter = Reporter(run.root, cfg.hash())
     t0 = time.time() - reporter.wall_seconds_so_far()
 
@@ -60,34 +66,41 @@ def main(argv=None) -> int:
     from mpo_online.warm_start import warm_start_from_config
     from serving.app import serving_kwargs, start_policy_server, stop_policy_server
 
+    console.phase(0, "ray")
     connect_ray(cfg.resources)
-    progress.update(0, "warm-start")
+    console.ray_started()
+    console.phase(0, "warm start", watch=train_progress_watcher(run.root / "warm_start_train"))
     warm = warm_start_from_config(cfg, force=True, evaluate_offline=False)  # run dir already checked above
+    console.done(warm.get("train") or "policy v0 from an earlier session")
     train_rows, quarantine = load_prompts(f"{warm['data']}/train.parquet",
                                           quarantine_path=run.root / "prompts_rejects.jsonl")
     prompts = to_ray_dataset(train_rows)
     heldout = load_prompts(f"{warm['data']}/heldout.parquet", quarantine_path=run.root / "heldout_rejects.jsonl")[0]
-    progress.update(0, "serve", f"starting {cfg.serving.replicas} replica(s)")
+    console.phase(0, "serve", note=f"starting {cfg.serving.replicas} replica(s)")
     client = start_policy_server(str(run.policy_dir(0)), dtype=cfg.model.dtype,
                                  **serving_kwargs(cfg.serving, cfg.resources))
     swapped = [r for r in range(1, cfg.loop.rounds + 1) if phase_at_least(run.manifest(r), "swapped")]
     if swapped:  # resuming: serve the newest policy that had been swapped in, through the same publish protocol
         client.publish(max(swapped), str(run.policy_dir(max(swapped))))
+    console.done(f"{cfg.serving.replicas} replica(s) serving policy v{max(swapped, default=0)}")
 
     def served_generate(requests):
-        return [res["outputs"][0]["text"] if not res.get("error") else "" for res in client.generate(requests)]
+        results = client.generate(requests, chunks=EVAL_CHUNKS,
+                                  progress=lambda done, total: console.count(done, total, "answers"))
+        return [res["outputs"][0]["text"] if not res.get("error") else "" for res in results]
 
     def evaluate_served() -> dict:
         return evaluate(served_generate, heldout, cot_instruction=cfg.data.cot_instruction,
                         direct_instruction=cfg.data.direct_instruction, max_tokens=cfg.rollout.max_tokens)
 
     if 0 not in reporter.rounds:  # round 0 = the warm-start policy
-        progress.update(0, "eval")
+        console.phase(0, "eval")
         t = time.time()
         ev = evaluate_served()
+        console.done(ev)
         reporter.record_round({"round": 0, "policy_version": 0, "eval": ev, "pairs": {}, "train": warm.get("train", {}),
                                "seconds": {"eval": time.time() - t, "total": time.time() - t}}, time.time() - t0)
-    progress.last_accuracy = reporter.rounds[max(reporter.rounds)]["eval"]["accuracy_cot"]
+    console.last_accuracy = reporter.rounds[max(reporter.rounds)]["eval"]["accuracy_cot"]
 
     for r in range(1, cfg.loop.rounds + 1):
         m = run.manifest(r) or RoundManifest(round=r, phase="started", policy_version=r - 1,
@@ -103,19 +116,22 @@ def main(argv=None) -> int:
 
         # 1. rollouts from the served policy v(r-1) -> verified -> preference pairs (Ray Data, streaming)
         if not phase_at_least(m, "pairs"):
-            progress.update(r, "rollouts")
+            console.phase(r, "rollouts")
             t = time.time()
             stats = run_round(prompts, client=client, round=r, policy_version=r - 1, out_dir=str(run.root / "rounds"),
                               policy_dir=str(run.policy_dir(r - 1)), seed=m.seeds["rollout"],
+                              progress=lambda done, total, n_pairs: console.count(done, total, "samples",
+                                                                                  f"{n_pairs} pairs"),
                               **rollout_kwargs(cfg))
             m.stats["pairs"] = stats.to_dict()
             for name in ("pairs.parquet", "rollouts.parquet"):
                 run.record_file(m, rdir / name)
             run.advance(m, "pairs", rollout=time.time() - t)
+            console.done(m.stats["pairs"])
 
         # 2. MPO update on this round's pairs (Ray Train + DeepSpeed); reference = warm start or last round's policy
         if not phase_at_least(m, "trained"):
-            progress.update(r, "train", f"{sum(m.stats['pairs'].get('pairs', {}).values())} pairs")
+            console.phase(r, "train", watch=train_progress_watcher(rdir / "train"))
             t = time.time()
             prev = run.manifest(r - 1) if r > 1 else None
             data_path, n_rows, objective = training_data(cfg, rdir, {row["id"]: row for row in train_rows})
@@ -135,39 +151,44 @@ def main(argv=None) -> int:
                 m.delta = result.delta_state
                 m.stats["train"] = result.metrics
             run.advance(m, "trained", train=time.time() - t)
+            console.done(m.stats["train"])
 
         # 3. hot-swap: every replica serves version r before the round goes on
         if not phase_at_least(m, "swapped"):
-            progress.update(r, "swap")
+            console.phase(r, "swap")
             t = time.time()
-            client.publish(r, str(run.policy_dir(r)))
+            swap = client.publish(r, str(run.policy_dir(r)))
             run.advance(m, "swapped", swap=time.time() - t)
+            console.done(f"policy v{r} live on {len(swap['replicas'])} replica(s)")
 
         # 4. evaluate the served policy on the held-out set (greedy; CoT and direct answer)
         if not phase_at_least(m, "evaluated"):
-            progress.update(r, "eval")
+            console.phase(r, "eval")
             t = time.time()
             m.stats["eval"] = evaluate_served()
             run.advance(m, "evaluated", eval=time.time() - t)
+            console.done(m.stats["eval"])
 
         # 5. record
         m.seconds["total"] = sum(m.seconds.get(k, 0.0) for k in ("rollout", "train", "swap", "eval"))
         reporter.record_round({"round": r, "policy_version": r, "eval": m.stats["eval"],
                                "pairs": m.stats["pairs"], "train": {**m.stats["train"], "delta": m.delta},
                                "seconds": m.seconds}, time.time() - t0)
-        progress.last_accuracy = m.stats["eval"]["accuracy_cot"]
+        console.round_done(reporter.rounds[r], reporter.rounds.get(r - 1))
         run.advance(m, "done")
 
     # --- cleanup ----------------------------------------------------------------------------------------------------
-    progress.update(cfg.loop.rounds, "done", f"-> {run.root / 'summary.json'}")
-    progress.close()
+    console.finish(list(reporter.rounds.values()), run.root)
     if args.keep_serving or cfg.loop.keep_serving:
-        print(f"serving the final policy at http://127.0.0.1:{cfg.serving.port}/v1 (Ctrl-C to stop)", flush=True)
+        console.line(f"serving the final policy at http://127.0.0.1:{cfg.serving.port}/v1 (Ctrl-C to stop)")
         while True:
             time.sleep(3600)
     else:
         stop_policy_server(client.app_name)
     return 0
+
+
+EVAL_CHUNKS = 8  # held-out requests go out in this many concurrent calls, so the console can count finished ones
 
 
 def rollout_kwargs(cfg) -> dict:

@@ -5,7 +5,8 @@
     mpo-online sft  --config FILE [key=value ...]                warm start: SFT on the tasks' demonstrations
     mpo-online eval --model DIR --data DIR [--limit N]           held-out greedy accuracy through vLLM
     mpo-online serve --model DIR [--port 8000] [--replicas N]    OpenAI-compatible endpoint on Ray Serve + vLLM
-    mpo-online run  --config FILE [key=value ...] [--force] [--keep-serving]   the online MPO loop (jobs/online_mpo.py)
+    mpo-online run  --config FILE [key=value ...] [--force] [--keep-serving] [--verbose]
+                                                                 the online MPO loop (jobs/online_mpo.py)
 
 Each subcommand imports its heavy dependencies (torch, vllm, ray) only when it runs.
 """
@@ -60,7 +61,7 @@ def _run(a: argparse.Namespace) -> None:
     if not script.exists():
         sys.exit(f"cannot find the recipe at {script} (run from a checkout of mpo-online)")
     sys.argv = [str(script), "--config", a.config, *a.overrides] + (["--force"] if a.force else []) \
-        + (["--keep-serving"] if a.keep_serving else [])
+        + (["--keep-serving"] if a.keep_serving else []) + (["--verbose"] if a.verbose else [])
     runpy.run_path(str(script), run_name="__main__")
 
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--force", action="store_true")
         if name == "run":
             s.add_argument("--keep-serving", action="store_true")
+            s.add_argument("--verbose", action="store_true", help="component logs here, not in <run_dir>/logs/")
         s.set_defaults(func=func)
 
     s = sub.add_parser("eval", help="held-out greedy accuracy of a model directory through vLLM")

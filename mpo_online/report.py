@@ -1,4 +1,4 @@
-"""Run reporting: summary.json, metrics.jsonl, TensorBoard events, report.md, a PNG accuracy plot, live progress.
+"""Run reporting: summary.json, metrics.jsonl, TensorBoard events, report.md, a PNG accuracy plot.
 
 The recipe calls `Reporter.record_round(...)` once per finished round (round 0 = the warm-start policy); everything
 is rebuilt from the recorded rounds, so a resumed run produces the same files as an uninterrupted one.
@@ -7,36 +7,9 @@ is rebuilt from the recorded rounds, so a resumed run produces the same files as
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 
 from mpo_online.run_state import write_json_atomic
-
-
-class Progress:
-    """A one-line live view in the terminal (round, phase, progress, last accuracy); plain lines when not a TTY."""
-
-    def __init__(self, total_rounds: int, stream=None):
-        self.total = total_rounds
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.last_accuracy: float | None = None
-        self.t0 = time.time()
-
-    def update(self, round_: int, phase: str, detail: str = "") -> None:
-        acc = "-" if self.last_accuracy is None else f"{100 * self.last_accuracy:.1f}%"
-        line = (f"[mpo-online {time.time() - self.t0:6.0f}s] round {round_}/{self.total} | {phase:<9} | "
-                f"last acc {acc} {detail}")
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
 
 
 class Reporter:

@@ -268,7 +268,8 @@ def run_round(prompts_ds, *, client, round: int, policy_version: int, out_dir, s
               max_pairs_per_prompt: int = 15, ntp_prefix_ratio: float = 0.5, dropout_ntp: bool = True,
               cot_instruction: str = "", seed: int = 0, policy_dir: str | None = None,
               prompt_ids: list[str] | None = None, batch_size: int = 16,
-              concurrency: int = 2, ntp_concurrency: int = 1, data_cpus: float = 0.25) -> RoundStats:
+              concurrency: int = 2, ntp_concurrency: int = 1, data_cpus: float = 0.25,
+              progress=None) -> RoundStats:
     """Run one round (see the module docstring) and write `out_dir/round_XXXX/`; returns its RoundStats.
 
     `client`: a PolicyClient (or its app name, or a zero-arg factory). `policy_dir`: the served policy's checkpoint
@@ -277,6 +278,7 @@ def run_round(prompts_ds, *, client, round: int, policy_version: int, out_dir, s
     `prompts_ds` when already known (saves a pass over the data). `batch_size` prompts per client call,
     `concurrency` rollout calls in flight: batch_size x concurrency x samples_per_prompt sequences (defaults: 256,
     vLLM's default max_num_seqs). `data_cpus`: logical CPUs per Ray Data task (the generation tasks mostly wait).
+    `progress(samples_done, samples_total, pairs_done)` is called as finished prompts reach the driver.
     """
     import ray
 
@@ -310,12 +312,17 @@ def run_round(prompts_ds, *, client, round: int, policy_version: int, out_dir, s
                                        "placeholder_ids": placeholder_ids, **sampling})
     rows: dict[str, dict] = {}
     duplicates = []
+    n_samples = n_pairs = 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
             if row["id"] in rows:
                 duplicates.append(row["id"])
             else:
                 rows[row["id"]] = row
+                n_samples += len(json_field(row.get("rollouts"), []))
+                n_pairs += len(json_field(row.get("pairs"), []))
+        if progress is not None:
+            progress(n_samples, len(chosen) * samples_per_prompt, n_pairs)
     t_pipeline = time.time()
     stats = collect_round(rows, duplicates, chosen, Path(out_dir) / f"round_{round:04d}", round, policy_version)
     t_end = time.time()

@@ -81,17 +81,23 @@ class PolicyClient:
         size = -(-len(requests) // chunks)
         return [requests[i:i + size] for i in range(0, len(requests), size)]
 
-    def generate(self, requests: list[dict], *, chunks: int | None = None) -> list[dict]:
+    def generate(self, requests: list[dict], *, chunks: int | None = None, progress=None) -> list[dict]:
         """Generate for every request through the PolicyServer handles; results in request order.
 
         Each result: {"version", "outputs": [{"text", "n_tokens", "finish_reason"}], "prompt_tokens", "error"};
         requests with "logprobs": true also get each output's "token_ids", "logprobs" and "text_offsets" (see
         serving.server.PolicyServer.generate_batch for these and the other token-level request fields).
+        `progress(done, total)` is called as the chunks' results arrive (all chunks are in flight at once).
         """
         if not requests:
             return []
         responses = [self.handle.generate_batch.remote(c) for c in self._split(requests, chunks)]
-        return [r for resp in responses for r in resp.result()]
+        results = []
+        for resp in responses:
+            results += resp.result()
+            if progress is not None:
+                progress(len(results), len(requests))
+        return results
 
     async def generate_async(self, requests: list[dict], *, chunks: int | None = None) -> list[dict]:
         if not requests:

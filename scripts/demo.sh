@@ -2,7 +2,8 @@
 # The README's main command: set up (or reuse) .venv/, then run the online MPO loop on the embedded default
 # (tiny VLM built from code + synthetic visual-reasoning tasks): warm start, then rounds of rollouts -> pairs ->
 # MPO update -> hot-swap -> eval. Results land in runs/tiny_cpu/ (summary.json, report.md, accuracy.png).
-# Extra args are dotted config overrides, e.g. `bash scripts/demo.sh loop.rounds=3`.
+# Extra args are dotted config overrides, e.g. `bash scripts/demo.sh loop.rounds=3`. The terminal shows the loop's
+# progress; Ray / Serve / vLLM / Train output goes to runs/tiny_cpu/logs/ (`--verbose` shows it here instead).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$ROOT/scripts/env.sh"

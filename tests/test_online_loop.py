@@ -8,6 +8,7 @@ The config is the tiny default shrunk so two rounds take a couple of minutes on 
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~10 minutes on 2 cores: `-m "not slow"` skips it
 
 
 def _free_port() -> int:
@@ -101,6 +102,22 @@ def _phase(run: Path, r: int) -> str | None:
     return m and m["phase"]
 
 
+# what the loop's console prints (mpo_online/console.py, plain lines): the header, time-stamped phase / round / status
+# lines, the rounds table and the result paths
+CONSOLE_LINE = re.compile(r"(mpo-online: |\[ *\d+:\d\d(:\d\d)?\] |round +CoT %|\d+( \(warm start\))? +[-\d.]+ "
+                          r"|report |plot |logs |$)")
+
+
+def _assert_console_only(job_log: str, run: Path) -> None:
+    """The driver's output is the loop's console; Ray / Serve / vLLM / Ray Data / Ray Train output is in <run>/logs/.
+    (The job log starts with two lines of Ray's job manager: runtime env set-up and the entrypoint.)"""
+    header = f"mpo-online: 2 round(s), run dir {run}; component logs (Ray, Serve, vLLM, Train, DeepSpeed) -> "
+    assert header + f"{run}/logs/" in job_log
+    foreign = [line for line in job_log[job_log.index(header):].splitlines() if not CONSOLE_LINE.match(line)]
+    assert not foreign, foreign[:10]
+    assert f"report  {run / 'report.md'}" in job_log and f"plot    {run / 'accuracy.png'}" in job_log
+
+
 def test_job_submit_kill_and_resume(cluster, tmp_path):
     from ray.job_submission import JobStatus
 
@@ -159,7 +176,9 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
         assert (run / name).exists(), name
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     logs = _client(cluster).get_job_logs("mpo-c")
-    assert "round 2/2 | done" in logs
+    assert re.search(r"== round 2/2 done: CoT [\d.]+% \(was [\d.]+%\)", logs)
+    assert re.search(r"\n1 +[\d.]+ +[\d.]+ +\d+ +[\d.]+\n2 +[\d.]+ +[\d.]+ +\d+ +[\d.]+\n", logs)  # rounds table
+    _assert_console_only(logs, run)
 
     # 4. the same run uninterrupted, from the same warm start: with fixed seeds it ends where the killed-and-resumed
     # run ended (same pairs byte for byte, same round metrics, same weights)
@@ -169,6 +188,14 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
     _submit(cluster, "mpo-d", [f"loop.run_dir={clean}" if o.startswith("loop.run_dir=") else o for o in overrides])
     _wait(lambda: _client(cluster).get_job_status("mpo-d") == JobStatus.SUCCEEDED, "the uninterrupted run",
           cluster, "mpo-d", timeout=900)
+    # a fresh run (its Serve app, training runs and Ray Data tasks belong to this job): every component's output
+    # went to its file under logs/, none to the job's output
+    _assert_console_only(_client(cluster).get_job_logs("mpo-d"), clean)
+    logs = {f.name: f.read_text() for f in (clean / "logs").glob("*.log")}
+    assert "Starting execution of Dataset" in logs["driver.log"]  # Ray Data's plans
+    assert "(ServeReplica:mpo-policy:PolicyServer:policy" in logs["serve.log"] and "vllm" in logs["serve.log"].lower()
+    assert "(RayTrainWorker" in logs["train.log"] and "(TrainController" in logs["train.log"]
+    assert "(MapBatches(" in logs["data.log"]
     for r in (1, 2):
         resumed, straight = _manifest(run, r), _manifest(clean, r)
         for name in ("pairs.parquet", "rollouts.parquet"):

@@ -6,7 +6,7 @@ import pytest
 
 from mpo_online.config import load_config
 from mpo_online.records import RoundManifest
-from mpo_online.report import Progress, Reporter, render_markdown
+from mpo_online.report import Reporter, render_markdown
 from mpo_online.run_state import PHASES, RunDir, RunDirError, phase_at_least, sha256_file, write_json_atomic
 
 
@@ -96,14 +96,3 @@ def test_render_markdown_handles_missing_fields():
     md = render_markdown({"config_hash": "h", "wall_seconds": 1.0,
                           "rounds": [{"round": 0, "policy_version": 0, "eval": {}, "seconds": {}}]})
     assert "| 0 | v0 | - | - | - | 0 | - | - | 0 |" in md
-
-
-def test_progress_plain_lines(capsys):
-    import io
-    buf = io.StringIO()
-    p = Progress(5, stream=buf)
-    p.update(2, "train", "64 pairs")
-    p.last_accuracy = 0.5
-    p.update(2, "eval")
-    out = buf.getvalue().splitlines()
-    assert "round 2/5 | train" in out[0] and "last acc -" in out[0] and "last acc 50.0%" in out[1]

@@ -272,6 +272,7 @@ def server(tmp_path_factory):
                 ray.shutdown()
 
 
+@pytest.mark.slow  # the 2-replica app fixture: ~1.5-2 min on 2 cores
 def test_models_chat_with_image_stream_n_and_completions(server):
     oc = server.openai()
     assert [m.id for m in oc.models.list().data] == ["policy"]
@@ -304,6 +305,7 @@ def test_models_chat_with_image_stream_n_and_completions(server):
     assert comp.headers["x-policy-version"]
 
 
+@pytest.mark.slow
 def test_generate_batch_through_handles(server):
     png = _png((0, 0, 255))
     with_image = [{"role": "user", "content": [{"type": "image", "image": png}, {"type": "text", "text": "Count."}]}]
@@ -340,6 +342,7 @@ def test_generate_batch_through_handles(server):
     assert r["error"] is None and r["outputs"][0]["text"] == server.refs[server.weights_of[r["version"]]]
 
 
+@pytest.mark.slow
 def test_publish_changes_every_replica(server):
     before = server.greedy_per_replica()
     version = server.publish("m1" if server.weights_of[max(server.weights_of)] != "m1" else "m2")
@@ -355,6 +358,7 @@ def test_publish_changes_every_replica(server):
     assert set(server.greedy_per_replica().values()) == {(version, server.refs["m0"])}
 
 
+@pytest.mark.slow
 def test_bad_inputs_get_4xx_and_server_keeps_serving(server):
     import httpx
 
@@ -388,6 +392,7 @@ def test_bad_inputs_get_4xx_and_server_keeps_serving(server):
     assert ok.status_code == 200 and ok.json()["model"].startswith("policy@v")
 
 
+@pytest.mark.slow
 def test_admin_routes_require_token(server):
     import httpx
 
@@ -420,6 +425,7 @@ def test_admin_routes_require_token(server):
     assert result["r"].model == f"policy@v{body['version']}"
 
 
+@pytest.mark.slow
 def test_hammer_through_swaps_sees_only_whole_versions(server):
     oc = server.openai()
     stop = threading.Event()

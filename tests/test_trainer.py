@@ -226,6 +226,7 @@ def test_exported_policy_loads_and_generates(zero0_run, rows):
     assert out.shape[1] == enc["input_ids"].shape[1] + 5 or out[0, -1].item() == proc.tokenizer.eos_token_id
 
 
+@pytest.mark.slow
 def test_zero3_resume_keeps_delta_and_matches_zero0(ray4, models, pairs_file, zero0_run, tmp_path):
     from mpo_online.trainer import train_policy
     out, storage = tmp_path / "policy", tmp_path / "ray_train"
@@ -249,6 +250,7 @@ def test_zero3_resume_keeps_delta_and_matches_zero0(ray4, models, pairs_file, ze
     assert train_policy(pairs_file, **kw).history == r.history
 
 
+@pytest.mark.slow
 def test_sft_reduces_nll_text_only(ray4, models, pairs_file, tmp_path):
     import torch
 

@@ -150,6 +150,7 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from mpo_online.console import TRAIN_PROGRESS_FILE
     from mpo_online.trainer.worker import train_fn
 
     t_call = time.time()
@@ -185,6 +186,7 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
         # core count, and two workers on two cores do not spin against each other
         torch_threads=max(1, int(worker_cpus)),
         nan_on_micro_batches=tuple(_nan_on_micro_batches), fail_after_step=_fail_after_step,
+        progress_file=os.path.join(storage_dir, run_name, TRAIN_PROGRESS_FILE),  # steps done, for the console
     )
     resources = {"CPU": worker_cpus, **({"GPU": worker_gpus} if worker_gpus else {})}
     # Workers import mpo_online by module path; make that work without an installed package too.

@@ -153,7 +153,8 @@ def _policy_terms(engine, batch, ref_table: dict, *, pairs: bool, poison: bool) 
 def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, delta_mode, delta_ema_decay, lr,
                  weight_decay, warmup_ratio, micro_batch_size, grad_accum, epochs, total_steps,
                  zero_stage, precision, max_grad_norm, max_nonfinite_steps, logps_chunk_size, max_length, seed,
-                 checkpoint_every, torch_threads=1, nan_on_micro_batches=(), fail_after_step=None) -> None:
+                 checkpoint_every, torch_threads=1, nan_on_micro_batches=(), fail_after_step=None,
+                 progress_file=None) -> None:
     t_start = time.time()
     import deepspeed
     import ray.train
@@ -162,6 +163,7 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
     import torch.distributed as dist
     from ray.train import Checkpoint
 
+    from mpo_online.console import report_train_progress
     from mpo_online.losses import RewardBaseline, batch_reward_mean, mpo_loss
     from mpo_online.trainer import checkpointing as ck
     from mpo_online.trainer.batching import PairCollator, row_key
@@ -177,6 +179,7 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
     pairs = objective not in ("sft", "rft")
     stat_keys = STAT_KEYS if pairs else ("loss", "loss_gen")
     w_pref, w_quality, w_gen = weights
+    progress_file = progress_file if rank == 0 else None  # rank 0 tells the driver's console how far it is
 
     # 1. resume point
     state = {"step": 0, "micro": 0, "nonfinite": 0, "history": [], "data_hashes": None, "done": False,
@@ -203,6 +206,7 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
     t0 = time.time()
     init_seconds = t0 - t_start   # imports, collator, checkpoint lookup
     ref_table, ref_tokens = ({}, 0)
+    report_train_progress(progress_file, stage="ref" if pairs else "setup", step=state["step"], total=total_steps)
     if pairs:
         ref_table, ref_tokens = compute_ref_logps(ref_dir or policy_dir, shard, collate, batch_size=micro_batch_size,
                                                   chunk_size=logps_chunk_size, device=device, dtype=dtype)
@@ -300,6 +304,7 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
                        seconds=time.time() - win_t0)
             state["history"].append(rec)
             tokens_total += int(red[-1])
+            report_train_progress(progress_file, stage="train", step=state["step"], total=total_steps)
             win, win_n, win_tokens, win_t0 = dict.fromkeys(stat_keys, 0.0), 0, 0, time.time()
             if not math.isfinite(gnorm):
                 raise ck.NonFiniteWeightsError(f"non-finite gradient norm at step {state['step']}; aborting "
