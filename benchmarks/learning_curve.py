@@ -6,9 +6,11 @@
 
 Runs the recipe (jobs/online_mpo.py, the same code `bash scripts/demo.sh` runs) for `--rounds` rounds in its own
 run directory — resuming it if it exists — then prints, per round: greedy CoT and direct accuracy on the held-out
-split (± one standard error, sqrt(p(1-p)/n)), how often the CoT chains hold together (`chain_consistent`: the final
+split (± one standard error, sqrt(p(1-p)/n)), how often the CoT responses are worked chains (`chain_scanned`: scan
+lines rather than a glance), hold together (`chain_consistent`: the final
 answer follows from the stated tallies) and read the image right (`chain_perceived`), the sampling accuracy and
-pass@k of the round's own rollouts (fresh training prompts, temperature as configured), pairs, optimizer steps and
+pass@k of the round's own rollouts (fresh training prompts, temperature as configured), pairs and how often their
+chosen / rejected responses are worked chains, optimizer steps and
 seconds; and the gain of the last round over the warm start in standard errors of the difference.
 """
 
@@ -27,20 +29,22 @@ def se(p: float, n: int) -> float:
 
 
 def table(rounds: list[dict]) -> str:
-    head = ("| round | CoT acc % | direct % | chain consistent % | chain perceived % | sample acc % | pass@k % | "
-            "pairs | steps | seconds |")
-    lines = [head, "|" + "|".join(["---:"] * 10) + "|"]
+    head = ("| round | CoT acc % | direct % | chain scanned % | chain consistent % | chain perceived % | "
+            "sample acc % | pass@k % | pairs | chosen / rejected scanned % | steps | seconds |")
+    lines = [head, "|" + "|".join(["---:"] * 12) + "|"]
     for r in rounds:
         ev, pairs, train = r["eval"], r.get("pairs") or {}, r.get("train") or {}
+        chains = pairs.get("chains") or {}
         n = ev.get("n_qa", 0)
 
         def pct(x):
             return "-" if x is None else f"{100 * x:.1f}"
         lines.append(
             f"| {r['round']} | {pct(ev['accuracy_cot'])} ± {100 * se(ev['accuracy_cot'], n):.1f} | "
-            f"{pct(ev.get('accuracy_direct'))} | {pct(ev.get('chain_consistent'))} | {pct(ev.get('chain_perceived'))} | "
-            f"{pct(pairs.get('sample_accuracy'))} | {pct(pairs.get('pass_at_k'))} | "
-            f"{sum((pairs.get('pairs') or {}).values()) if pairs else '-'} | {train.get('steps', '-')} | "
+            f"{pct(ev.get('accuracy_direct'))} | {pct(ev.get('chain_scanned'))} | {pct(ev.get('chain_consistent'))} | "
+            f"{pct(ev.get('chain_perceived'))} | {pct(pairs.get('sample_accuracy'))} | {pct(pairs.get('pass_at_k'))} | "
+            f"{sum((pairs.get('pairs') or {}).values()) if pairs else '-'} | "
+            f"{pct(chains.get('chosen_scanned'))} / {pct(chains.get('rejected_scanned'))} | {train.get('steps', '-')} | "
             f"{(r.get('seconds') or {}).get('total', 0):.0f} |")
     first, last = rounds[0]["eval"], rounds[-1]["eval"]
     n = first.get("n_qa", 1)

@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     t0 = time.time() - reporter.wall_seconds_so_far()
 
     # --- setup: Ray, the warm-start policy (v0), prompts, the Serve app on the newest swapped policy --------------
+    import pyarrow.parquet as pq
+
+    from mpo_online.chains import pair_chain_rates, synthetic_meta
     from mpo_online.data import load_prompts, to_ray_dataset
     from mpo_online.evaluate import evaluate
     from mpo_online.rollout_pipeline import run_round
@@ -75,6 +78,7 @@ def main(argv=None) -> int:
     train_rows, quarantine = load_prompts(f"{warm['data']}/train.parquet",
                                           quarantine_path=run.root / "prompts_rejects.jsonl")
     prompts = to_ray_dataset(train_rows)
+    task_meta = synthetic_meta(train_rows)
     heldout = load_prompts(f"{warm['data']}/heldout.parquet", quarantine_path=run.root / "heldout_rejects.jsonl")[0]
     console.phase(0, "serve", note=f"starting {cfg.serving.replicas} replica(s)")
     client = start_policy_server(str(run.policy_dir(0)), dtype=cfg.model.dtype,
@@ -123,7 +127,9 @@ def main(argv=None) -> int:
                               progress=lambda done, total, n_pairs: console.count(done, total, "samples",
                                                                                   f"{n_pairs} pairs"),
                               **rollout_kwargs(cfg))
-            m.stats["pairs"] = stats.to_dict()
+            # + how the chosen / rejected chains hold up (synthetic tasks: do the pairs prefer right readings?)
+            m.stats["pairs"] = {**stats.to_dict(), "chains": pair_chain_rates(
+                pq.read_table(rdir / "pairs.parquet").to_pylist(), task_meta)}
             for name in ("pairs.parquet", "rollouts.parquet"):
                 run.record_file(m, rdir / name)
             run.advance(m, "pairs", rollout=time.time() - t)

@@ -119,14 +119,23 @@ def check_chain(text: str, op: str, colors: list[str], cells: str) -> dict:
     return out
 
 
+def synthetic_meta(rows: list[dict]) -> dict[str, dict]:
+    """{prompt id: parsed meta} for the prompt rows that are synthetic grid tasks (their meta has `cells`)."""
+    import json
+
+    metas = {r["id"]: json.loads(r.get("meta") or "{}") for r in rows}
+    return {k: v for k, v in metas.items() if isinstance(v, dict) and "cells" in v}
+
+
 def pair_chain_rates(pairs: list[dict], meta_by_id: dict[str, dict]) -> dict:
     """Over correctness pairs (pair-schema rows) of synthetic tasks: how often the chosen (correct) and the rejected
-    responses read the image right and hold together. A high chosen_perceived means correct samples are correct for
-    the right reason, so the pairs carry perception signal. {} when no pair belongs to a synthetic task."""
+    responses scan the grid (a worked chain, not a glance), read the image right and hold together. A high
+    chosen_perceived means correct samples are correct for the right reason, so the pairs carry perception signal;
+    chosen_scanned > rejected_scanned means the pairs prefer worked chains. {} when no pair is of a synthetic task."""
     from mpo_online.records import message_text
 
-    n, rates = 0, dict.fromkeys(("chosen_perceived", "chosen_consistent", "rejected_perceived",
-                                 "rejected_consistent"), 0)
+    n, rates = 0, dict.fromkeys(("chosen_scanned", "chosen_perceived", "chosen_consistent", "rejected_scanned",
+                                 "rejected_perceived", "rejected_consistent"), 0)
     for p in pairs:
         meta = meta_by_id.get(p["prompt_id"])
         if p["kind"] != "correctness" or not meta or "cells" not in meta:
@@ -134,6 +143,7 @@ def pair_chain_rates(pairs: list[dict], meta_by_id: dict[str, dict]) -> dict:
         n += 1
         for side in ("chosen", "rejected"):
             c = check_chain(message_text(p[side]), meta["op"], meta["colors"], meta["cells"])
+            rates[f"{side}_scanned"] += c["scanned"]
             rates[f"{side}_perceived"] += c["perceived"]
             rates[f"{side}_consistent"] += c["consistent"]
     return {"pairs_checked": n, **{k: v / n for k, v in rates.items()}} if n else {}

@@ -85,3 +85,27 @@ def test_warm_start_mixes_glance_demos_with_image_free_worked_drills():
         assert d.question == r["question"] + " Think."
     for d, r in zip(data[2:], rows[2:]):
         assert d.chosen == r["solution"] and d.images == [] and "<image>" not in d.question
+
+
+def test_pair_chain_rates_by_hand():
+    """Two correctness pairs on CELLS ("How many red and blue in total?", gold 5) and one Dropout-NTP pair (ignored).
+    Pair 1: chosen = the worked solution (scanned, consistent, perceived); rejected = a glance guess "4" (no scan
+    lines: not scanned, not consistent, not perceived). Pair 2: chosen = a glance "5" (right by luck: not scanned);
+    rejected = a misread but consistent chain (scanned, consistent, not perceived). So chosen: scanned 1/2,
+    perceived 1/2, consistent 1/2; rejected: scanned 1/2, perceived 0, consistent 1/2."""
+    from mpo_online.chains import pair_chain_rates
+
+    worked, _ = worked_solution("sum", ["red", "blue"], CELLS)
+    misread = "r: 1......2........ = 2\nb: ....1......2.... = 2\n2 + 2 = 4\nFinal answer: 4"
+    glance = glance_solution("sum", ["red", "blue"], {"red": 2, "blue": 2})
+    lucky = glance_solution("sum", ["red", "blue"], {"red": 3, "blue": 2})
+    meta = {"t": {"op": "sum", "colors": ["red", "blue"], "cells": CELLS}}
+
+    def pair(kind, chosen, rejected):
+        return {"prompt_id": "t", "kind": kind, "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+    rates = pair_chain_rates([pair("correctness", worked, glance), pair("correctness", lucky, misread),
+                              pair("dropout_ntp", worked, misread)], meta)
+    assert rates == {"pairs_checked": 2, "chosen_scanned": 0.5, "chosen_perceived": 0.5, "chosen_consistent": 0.5,
+                     "rejected_scanned": 0.5, "rejected_perceived": 0.0, "rejected_consistent": 0.5}
+    assert pair_chain_rates([pair("dropout_ntp", worked, misread)], meta) == {}
