@@ -2,12 +2,14 @@
 
     python benchmarks/ablation.py [--rounds 5] [--seeds 0 1 2] [--out runs/ablation] [key=value ...]
     python benchmarks/ablation.py --report-only --out runs/ablation --seeds 0 1 2
+    python benchmarks/ablation.py --warm-start-from runs/tiny_cpu [...]    # every seed from that run's warm start
 
 For each seed s, the four objectives run the real loop (jobs/online_mpo.py) one after another in run directories
 `<out>/seed<s>/<objective>` (one Ray cluster at a time). They share the model, the tasks and the warm-start policy v0
 of seed s (trained by the first objective's run, copied into the others), and every seed of the run: `model.seed`,
 `trainer.seed` and `rollout.seed` are all s. So within a seed the objectives differ only in the loss; across seeds,
-everything random differs (initial weights, warm-start data order, sampled rollouts).
+everything random differs (initial weights, warm-start data order, sampled rollouts). With --warm-start-from, all
+runs start from that run's warm start (no warm start is trained) and seeds vary the rollouts and the updates only.
 
 Prints and writes `<out>/ablation.md`: per objective, held-out greedy CoT accuracy on the final round (mean over
 seeds ± the standard error of that mean, and each seed's value), the round-by-round means, direct-answer accuracy,
@@ -29,14 +31,17 @@ OBJECTIVES = ("mpo", "dpo_sft", "dpo", "rft")
 def run_seed(out: Path, seed: int, a) -> dict:
     results = {}
     first = out / f"seed{seed}" / OBJECTIVES[0]
+    shared = Path(a.warm_start_from) / "policies/v0000" if a.warm_start_from else first / "policies/v0000"
+    # this seed's initial weights (built on first use), unless every seed starts from one given warm start
+    model = [] if a.warm_start_from else [f"model.seed={seed}", f"model.path={out / f'seed{seed}' / 'model'}"]
     for objective in OBJECTIVES:
         run = out / f"seed{seed}" / objective
-        if run != first and not (run / "policies/v0000").exists() and (first / "policies/v0000").exists():
-            (run / "policies").mkdir(parents=True, exist_ok=True)  # same warm start as the first objective
-            shutil.copytree(first / "policies/v0000", run / "policies/v0000")
+        if run / "policies/v0000" != shared and not (run / "policies/v0000").exists() and shared.exists():
+            (run / "policies").mkdir(parents=True, exist_ok=True)  # the same warm start for every objective
+            shutil.copytree(shared, run / "policies/v0000")
         if not a.report_only:
             cmd = [sys.executable, str(ROOT / "jobs/online_mpo.py"), "--config", a.config, f"loop.run_dir={run}",
-                   f"loop.rounds={a.rounds}", f"mpo.objective={objective}", f"model.seed={seed}",
+                   f"loop.rounds={a.rounds}", f"mpo.objective={objective}", *model,
                    f"trainer.seed={seed}", f"rollout.seed={seed}", *a.overrides]
             print("running", " ".join(cmd[2:]), flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT)
@@ -89,6 +94,9 @@ def main() -> None:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--config", default="jobs/configs/tiny_cpu.yaml")
     p.add_argument("--report-only", action="store_true", help="only tabulate the run directories under --out")
+    p.add_argument("--warm-start-from", default=None,
+                   help="a run directory whose warm start (policies/v0000) every seed and objective starts from; "
+                        "seeds then vary the rollouts and the updates only")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     out = Path(a.out)

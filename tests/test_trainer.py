@@ -203,6 +203,9 @@ def test_mpo_zero0_first_step_skip_nan_and_export(zero0_run, models):
     rewards = [h["reward_mean"] for h in r.history]
     assert r.delta_state["count"] == 4 and abs(r.delta_state["value"] - (0.1 + sum(rewards)) / 4) < 1e-9
     assert r.metrics["tokens_per_s"] > 0 and r.metrics["startup_seconds"] > 0
+    # one torch thread per reserved CPU, whatever the machine's core count: the same float reductions, so the same
+    # weights, on any machine of the kind (and no thread oversubscription between workers)
+    assert r.metrics["torch_threads"] == 1
     before, after = _weights(models["vlm"]), _weights(r.policy_dir)
     assert set(before) == set(after)
     assert all(bool(v.isfinite().all()) for v in after.values())

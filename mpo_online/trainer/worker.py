@@ -332,6 +332,6 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
         train_seconds=train_seconds, checkpoint_seconds=ckpt_seconds, ref_seconds=ref_seconds,
         ref_tokens_per_s_per_worker=ref_tokens / ref_seconds if ref_tokens else 0.0, init_seconds=init_seconds,
         setup_seconds=setup_seconds, worker_start_time=t_start, worker_done_time=time.time(), world_size=world,
-        zero_stage=zero_stage,
+        zero_stage=zero_stage, torch_threads=torch.get_num_threads(),
     )
     checkpoint_and_report(metrics, final=True)
