@@ -30,7 +30,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import tempfile
 from collections import Counter

@@ -10,7 +10,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from mpo_online.console import (Console, component_of, eval_summary, fmt_clock, fmt_seconds, report_train_progress,
+from mpo_online.component_logs import component_of
+from mpo_online.console import (Console, eval_summary, fmt_clock, fmt_seconds, report_train_progress,
                                 rollout_summary, rounds_table, train_progress_watcher, train_summary)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,7 +172,7 @@ def test_component_logs_keep_the_terminal_quiet(tmp_path):
 def test_forwarded_batches_are_routed_and_never_raise(tmp_path):
     """Ray's log thread calls write_batch: autoscaler monitor dumps are dropped (Ray prints only their events), and a
     batch arriving after stop() closed the files is ignored rather than raised into Ray's thread."""
-    from mpo_online.console import ComponentLogs
+    from mpo_online.component_logs import ComponentLogs
     logs = ComponentLogs(tmp_path)
     logs.write_batch({"pid": "autoscaler", "lines": ["INFO autoscaler.py:147 -- The autoscaler took 0.0 seconds",
                                                      "Node status", "Pending Demands:"]})
