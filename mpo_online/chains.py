@@ -28,6 +28,7 @@ Pure functions, no I/O; used by mpo_online.tasks (demonstrations), mpo_online.ev
 
 from __future__ import annotations
 
+import json
 import re
 
 COLOR_LETTERS = {"red": "r", "green": "g", "blue": "b", "yellow": "y"}
@@ -121,8 +122,6 @@ def check_chain(text: str, op: str, colors: list[str], cells: str) -> dict:
 
 def synthetic_meta(rows: list[dict]) -> dict[str, dict]:
     """{prompt id: parsed meta} for the prompt rows that are synthetic grid tasks (their meta has `cells`)."""
-    import json
-
     metas = {r["id"]: json.loads(r.get("meta") or "{}") for r in rows}
     return {k: v for k, v in metas.items() if isinstance(v, dict) and "cells" in v}
 
