@@ -23,7 +23,7 @@ import sys
 import time
 
 from mpo_online.config import load_config
-from mpo_online.console import Console, train_progress_watcher
+from mpo_online.console import TRAIN_PROGRESS_FILE, Console, train_progress_watcher
 from mpo_online.records import RoundManifest
 from mpo_online.report import Reporter
 from mpo_online.run_state import RunDir, RunDirError, phase_at_least
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from mpo_online.data import load_prompts, to_ray_dataset
     from mpo_online.evaluate import evaluate
     from mpo_online.rollout_pipeline import run_round
-    from mpo_online.trainer import train_policy
+    from mpo_online.trainer.session import TrainerSession
     from mpo_online.warm_start import warm_start_from_config
     from serving.app import serving_kwargs, start_policy_server, stop_policy_server
 
@@ -106,6 +106,7 @@ def main(argv=None) -> int:
                                "seconds": {"eval": time.time() - t, "total": time.time() - t}}, time.time() - t0)
     console.last_accuracy = reporter.rounds[max(reporter.rounds)]["eval"]["accuracy_cot"]
 
+    session = None  # the training worker group: started at this job's first update, reused by every later round
     for r in range(1, cfg.loop.rounds + 1):
         m = run.manifest(r) or RoundManifest(round=r, phase="started", policy_version=r - 1,
                                              seeds={"rollout": cfg.rollout.seed + r, "train": cfg.trainer.seed + r})
@@ -148,11 +149,17 @@ def main(argv=None) -> int:
             else:
                 ref = None if objective in ("sft", "rft") else \
                     run.policy_dir(0 if cfg.mpo.reference == "initial" else r - 1)
-                result = train_policy(
+                if session is None:
+                    session = TrainerSession.start(storage_dir=str(run.root / "trainer_session"),
+                                                   **session_kwargs(cfg))
+                result = session.train(
                     data_path, policy_dir=str(run.policy_dir(r - 1)), out_dir=str(run.policy_dir(r)),
                     ref_dir=None if ref is None else str(ref), objective=objective, weights=cfg.mpo.weights(),
-                    beta=cfg.mpo.beta, delta_state=prev.delta if prev else None,
-                    storage_dir=str((rdir / "train").resolve()), run_name=f"round_{r:04d}",
+                    beta=cfg.mpo.beta, delta_state=prev.delta if prev else None, run_name=f"round_{r:04d}",
+                    progress_file=str(rdir / "train" / f"round_{r:04d}" / TRAIN_PROGRESS_FILE),
+                    # the pairs were sampled by policy r-1: with reference "previous" their engine log-probs are
+                    # the reference's, so most pairs need no reference pass
+                    engine_reference=cfg.mpo.reference == "previous" and cfg.mpo.engine_reference,
                     **trainer_kwargs(cfg, m.seeds["train"]))
                 m.delta = result.delta_state
                 m.stats["train"] = result.metrics
@@ -184,6 +191,8 @@ def main(argv=None) -> int:
         run.advance(m, "done")
 
     # --- cleanup ----------------------------------------------------------------------------------------------------
+    if session is not None:
+        session.close()
     console.finish(list(reporter.rounds.values()), run.root)
     if args.keep_serving or cfg.loop.keep_serving:
         console.line(f"serving the final policy at http://127.0.0.1:{cfg.serving.port}/v1 (Ctrl-C to stop)")
@@ -207,13 +216,17 @@ def rollout_kwargs(cfg) -> dict:
 
 
 def trainer_kwargs(cfg, seed: int) -> dict:
-    t, res, mpo = cfg.trainer, cfg.resources, cfg.mpo
+    t, mpo = cfg.trainer, cfg.mpo
     return dict(delta_mode=mpo.delta_mode, delta_ema_decay=mpo.delta_ema_decay, lr=t.lr, weight_decay=t.weight_decay,
                 warmup_ratio=t.warmup_ratio, epochs=t.epochs, micro_batch_size=t.micro_batch_size,
                 global_batch_size=t.global_batch_size, zero_stage=t.zero_stage, precision=t.precision,
                 max_grad_norm=t.max_grad_norm, max_nonfinite_steps=t.max_nonfinite_steps,
-                logps_chunk_size=t.logps_chunk_size, max_length=t.max_length, seed=seed,
-                num_workers=res.train_workers, worker_cpus=res.train_worker_cpus, worker_gpus=res.train_worker_gpus)
+                logps_chunk_size=t.logps_chunk_size, max_length=t.max_length, seed=seed)
+
+
+def session_kwargs(cfg) -> dict:
+    res = cfg.resources
+    return dict(num_workers=res.train_workers, worker_cpus=res.train_worker_cpus, worker_gpus=res.train_worker_gpus)
 
 
 def training_data(cfg, rdir, prompts_by_id: dict) -> tuple[str, int, str]:

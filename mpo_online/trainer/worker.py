@@ -1,7 +1,8 @@
 """The Ray Train train function: one DeepSpeed data-parallel worker of an MPO / DPO / SFT training call.
 
 Launched by mpo_online.trainer.launch.train_policy through `TorchTrainer(train_fn, train_loop_config=kwargs)`;
-`train_fn(config)` unpacks the plain kwargs of `train_worker`. Ray Train has already set up torch.distributed
+`train_fn(config)` unpacks the plain kwargs of `train_worker`. The long-lived workers of a TrainerSession
+(mpo_online.trainer.session) call `train_worker` once per round with their shard as rows (no Ray Train checkpoints). Ray Train has already set up torch.distributed
 (gloo on CPU, NCCL on GPU); `deepspeed.initialize` joins that process group.
 
 What one call does, per worker:
@@ -10,7 +11,9 @@ What one call does, per worker:
  2. Reference log-probs (pair objectives): the frozen reference checkpoint is loaded as a plain model, scores every
     pair of this worker's shard once (no grad), and is freed before the policy engine is built. The result is a
     {pair key: (ref_chosen_logp, ref_rejected_logp)} table; training looks pairs up by key, so a micro-batch never
-    runs a second model. Recomputed (not stored) on resume: it costs one forward pass over the shard.
+    runs a second model. Recomputed (not stored) on resume: it costs one forward pass over the shard. With
+    `engine_reference` (the reference sampled the pairs) the engine's sampling log-probs fill the table instead,
+    and only the pairs they do not cover (Dropout-NTP, responses cut by max_length) go through that pass.
  3. Policy engine: deepspeed.initialize on PolicyLogps(model) with ZeRO stage 0-3, AdamW (torch implementation:
     no JIT build), weight decay on matrices only, linear warmup then cosine (LambdaLR), gradient clipping,
     gradient accumulation (micro_batch * workers * accumulation = global batch), fp32 or bf16.
@@ -57,8 +60,39 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int) -> float:
 
 
 def _iter_rows(shard, batch_size: int):
+    """Micro-batches of row dicts from a Ray Train dataset shard or (session jobs) a list of rows."""
+    if isinstance(shard, list):
+        for i in range(0, len(shard), batch_size):
+            yield shard[i:i + batch_size]
+        return
     for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=False, prefetch_batches=1):
         yield b.to_pylist()
+
+
+def engine_ref_logps(rows: list, collate, *, batch_size: int) -> tuple[dict, list]:
+    """Reference log-probs from the engine's sampling log-probs, where they are the reference's.
+
+    Valid only when the reference policy is the one that sampled the responses (`mpo.reference: previous`): then
+    sum(engine log-prob of each sampled token) = log pi_ref(y | x), the value the trainer's reference pass computes
+    (tests/test_parity.py: mean |delta| ~5e-7 nats/token on the tiny default). A pair qualifies when both responses
+    carry one log-prob per token id and the collator scores every one of those tokens (no max_length cut).
+    Dropout-NTP rejected responses never qualify: their continuation was sampled without the image.
+    Returns ({pair key: (ref chosen logp, ref rejected logp)}, rows left for the trainer's reference pass).
+    """
+    from mpo_online.trainer.batching import IGNORE_INDEX, row_key
+
+    table, rest = {}, []
+    for chunk in _iter_rows(rows, batch_size):
+        scored = (collate(chunk).tensors["labels"] != IGNORE_INDEX).sum(1).tolist()   # (2B,) response tokens
+        B = len(chunk)
+        for j, row in enumerate(chunk):
+            sides = [(row.get(f"{s}_token_ids"), row.get(f"{s}_logprobs"), scored[j + B * i])
+                     for i, s in enumerate(("chosen", "rejected"))]
+            if all(ids and lps and len(ids) == len(lps) == n for ids, lps, n in sides):
+                table[row_key(row)] = tuple(math.fsum(lps) for _, lps, _ in sides)
+            else:
+                rest.append(row)
+    return table, rest
 
 
 def compute_ref_logps(ref_dir, shard, collate, *, batch_size: int, chunk_size: int, device, dtype) -> tuple:
@@ -154,7 +188,12 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
                  weight_decay, warmup_ratio, micro_batch_size, grad_accum, epochs, total_steps,
                  zero_stage, precision, max_grad_norm, max_nonfinite_steps, logps_chunk_size, max_length, seed,
                  checkpoint_every, torch_threads=1, nan_on_micro_batches=(), fail_after_step=None,
-                 progress_file=None) -> None:
+                 progress_file=None, rows=None, export_dir=None, engine_reference=False) -> dict | None:
+    """One training call on this worker. Ray Train mode (rows=None): data from the "train" dataset shard,
+    checkpoints and the final result go through ray.train.report. Session mode (mpo_online.trainer.session): `rows`
+    is this worker's shard, no Ray Train checkpoints are written, rank 0 writes the Hugging Face export straight into
+    `export_dir`, and the result ({"metrics", "delta", "history"}) is returned. `engine_reference`: take reference
+    log-probs from the rows' engine log-probs where valid (engine_ref_logps), the trainer's pass for the rest."""
     t_start = time.time()
     import deepspeed
     import ray.train
@@ -185,7 +224,7 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
     state = {"step": 0, "micro": 0, "nonfinite": 0, "history": [], "data_hashes": None, "done": False,
              "delta": None, "resumed_from_step": None}
     resume_dir = None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint() if rows is None else None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = ck.read_state(d)
@@ -199,17 +238,21 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
     init_delta = state["delta"] or delta_state
     if init_delta:
         baseline.load_state_dict({**init_delta, "mode": delta_mode, "decay": delta_ema_decay})
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard("train") if rows is None else rows
     collate = PairCollator.from_pretrained(policy_dir, max_length=max_length, pairs=pairs)
 
     # 2. reference log-probs, once per call, before the policy engine exists
     t0 = time.time()
     init_seconds = t0 - t_start   # imports, collator, checkpoint lookup
-    ref_table, ref_tokens = ({}, 0)
+    ref_table, ref_tokens, ref_rows = ({}, 0, shard)
     report_train_progress(progress_file, stage="ref" if pairs else "setup", step=state["step"], total=total_steps)
-    if pairs:
-        ref_table, ref_tokens = compute_ref_logps(ref_dir or policy_dir, shard, collate, batch_size=micro_batch_size,
-                                                  chunk_size=logps_chunk_size, device=device, dtype=dtype)
+    if pairs and engine_reference:
+        ref_table, ref_rows = engine_ref_logps(shard, collate, batch_size=micro_batch_size)
+    n_engine_ref = len(ref_table)
+    if pairs and (rows is None or ref_rows):
+        table, ref_tokens = compute_ref_logps(ref_dir or policy_dir, ref_rows, collate, batch_size=micro_batch_size,
+                                              chunk_size=logps_chunk_size, device=device, dtype=dtype)
+        ref_table.update(table)
     ref_seconds = time.time() - t0
 
     # 3. policy engine
@@ -229,6 +272,9 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
 
     def checkpoint_and_report(metrics: dict, final: bool) -> None:
         state["delta"] = baseline.state_dict()
+        if export_dir is not None:   # session mode: no Ray Train checkpoint; the export is the result
+            ck.export_hf(engine, zero_stage=zero_stage, out_dir=export_dir, rank=rank)
+            return
         hashes = [None] * world
         dist.all_gather_object(hashes, data_hash)
         state["data_hashes"] = hashes
@@ -332,6 +378,11 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
         train_seconds=train_seconds, checkpoint_seconds=ckpt_seconds, ref_seconds=ref_seconds,
         ref_tokens_per_s_per_worker=ref_tokens / ref_seconds if ref_tokens else 0.0, init_seconds=init_seconds,
         setup_seconds=setup_seconds, worker_start_time=t_start, worker_done_time=time.time(), world_size=world,
-        zero_stage=zero_stage, torch_threads=torch.get_num_threads(),
+        zero_stage=zero_stage, torch_threads=torch.get_num_threads(), worker_pid=os.getpid(),
+        ref_engine_pairs=n_engine_ref,
+        ref_trainer_pairs=len(ref_table) - n_engine_ref,
     )
     checkpoint_and_report(metrics, final=True)
+    if export_dir is not None:
+        return {"metrics": metrics, "delta": state["delta"], "history": state["history"]}
+    return None
