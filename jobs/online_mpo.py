@@ -211,7 +211,7 @@ def rollout_kwargs(cfg) -> dict:
     return dict(samples_per_prompt=ro.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
                 max_tokens=ro.max_tokens, prompts_per_round=ro.prompts_per_round,
                 max_pairs_per_prompt=pa.max_pairs_per_prompt, ntp_prefix_ratio=pa.ntp_prefix_ratio,
-                dropout_ntp=pa.dropout_ntp, cot_instruction=cfg.data.cot_instruction,
+                dropout_ntp=pa.dropout_ntp, chosen_check=pa.chosen_check, cot_instruction=cfg.data.cot_instruction,
                 data_cpus=cfg.resources.data_cpus)
 
 
@@ -230,7 +230,8 @@ def session_kwargs(cfg) -> dict:
 
 
 def training_data(cfg, rdir, prompts_by_id: dict) -> tuple[str, int, str]:
-    """(parquet path, rows, objective) this round trains on: the pairs, or for RFT its correct samples (as SFT)."""
+    """(parquet path, rows, objective) this round trains on: the pairs, or for RFT its correct samples (as SFT) that
+    pass the chosen-side check (pairs.chosen_check)."""
     import pyarrow.parquet as pq
     if cfg.mpo.objective != "rft":
         path = rdir / "pairs.parquet"
@@ -238,7 +239,8 @@ def training_data(cfg, rdir, prompts_by_id: dict) -> tuple[str, int, str]:
     from mpo_online.pairs import rft_examples
     from mpo_online.records import pairs_to_table, write_parquet_atomic
     examples = rft_examples(pq.read_table(rdir / "rollouts.parquet").to_pylist(), prompts_by_id,
-                            max_per_prompt=cfg.pairs.max_pairs_per_prompt, cot_instruction=cfg.data.cot_instruction)
+                            max_per_prompt=cfg.pairs.max_pairs_per_prompt, cot_instruction=cfg.data.cot_instruction,
+                            chosen_check=cfg.pairs.chosen_check)
     path = rdir / "rft_examples.parquet"
     write_parquet_atomic(pairs_to_table(examples), path)
     return str(path), len(examples), "rft"

@@ -23,7 +23,8 @@ Why this shape (each point was measured to matter for the tiny default policy; R
   states — `check_chain` verifies that, and the warm start drills it on text-only chains first.
 
 Describe tasks ("Describe the image.", no ground truth) answer with one such line per colour of the palette.
-Pure functions, no I/O; used by mpo_online.tasks (demonstrations), mpo_online.evaluate and the loop's round records.
+Pure functions, no I/O; used by mpo_online.tasks (demonstrations), mpo_online.evaluate, the loop's round records and
+the pairs' optional chosen-side check (chosen_checker, config pairs.chosen_check).
 """
 
 from __future__ import annotations
@@ -120,10 +121,39 @@ def check_chain(text: str, op: str, colors: list[str], cells: str) -> dict:
     return out
 
 
+def row_meta(row: dict) -> dict | None:
+    """A prompt row's parsed meta when the row is a synthetic grid task (its meta has `cells`), else None."""
+    meta = json.loads(row.get("meta") or "{}")
+    return meta if isinstance(meta, dict) and "cells" in meta else None
+
+
 def synthetic_meta(rows: list[dict]) -> dict[str, dict]:
     """{prompt id: parsed meta} for the prompt rows that are synthetic grid tasks (their meta has `cells`)."""
-    metas = {r["id"]: json.loads(r.get("meta") or "{}") for r in rows}
-    return {k: v for k, v in metas.items() if isinstance(v, dict) and "cells" in v}
+    metas = {r["id"]: row_meta(r) for r in rows}
+    return {k: v for k, v in metas.items() if v is not None}
+
+
+CHOSEN_CHECKS = ("answer", "consistent", "perceived")  # config.PairsConfig.chosen_check
+
+
+def chosen_checker(mode: str, meta: dict | None):
+    """text -> bool: may a correct response of this task be taught as "chosen" (mpo_online.pairs `chosen_ok`)?
+
+    "answer": None (any correct final answer will do: the paper's rule). "consistent": the chain must hold together
+    (check_chain's "consistent"), so a right answer reached by luck (a glance, or a jump the chain does not support)
+    is not taught. "perceived": consistent and every scan line matches the annotated grid. Only synthetic grid tasks
+    (`meta` with `cells`, see row_meta) carry what the check needs; for any other row (meta None) this is None, i.e.
+    the "answer" rule."""
+    if mode not in CHOSEN_CHECKS:
+        raise ValueError(f"chosen check must be one of {CHOSEN_CHECKS}, got {mode!r}")
+    if mode == "answer" or not meta or "cells" not in meta:
+        return None
+    needed = ("consistent",) if mode == "consistent" else ("consistent", "perceived")
+
+    def chosen_ok(text: str) -> bool:
+        checked = check_chain(text, meta["op"], meta["colors"], meta["cells"])
+        return all(checked[k] for k in needed)
+    return chosen_ok
 
 
 def pair_chain_rates(pairs: list[dict], meta_by_id: dict[str, dict]) -> dict:

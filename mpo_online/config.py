@@ -56,6 +56,14 @@ class PairsConfig(_Section):
     max_pairs_per_prompt: int = Field(15, gt=0)  # paper: 15
     ntp_prefix_ratio: float = Field(0.5, gt=0.0, lt=1.0)  # Dropout-NTP: share of words kept before the image is dropped
     dropout_ntp: bool = True
+    # Which correct responses may be "chosen" (mpo_online.chains.chosen_checker). answer: the paper's rule, the final
+    # answer matches gold. consistent: also the chain must hold together (chains.check_chain "consistent": the answer
+    # follows from what the chain states; needs nothing beyond the task's op/colors), so a right answer reached by
+    # luck is not taught. perceived: also every scan line matches the image's annotated cells (a stricter,
+    # process-level ground truth). The checks read the synthetic task's annotation in the prompt row's `meta`: they
+    # apply to rows whose meta has `cells`; any other row falls back to "answer". A correct response failing the
+    # check is left out of pairs (never rejected: its answer is right), and of RFT's examples.
+    chosen_check: Literal["answer", "consistent", "perceived"] = "answer"
 
 
 class MPOConfig(_Section):

@@ -11,6 +11,11 @@ Rules (arXiv 2411.10442 and its reference data pipeline):
   number somewhere ("I see 3 red... 3 + 2 = 6"), and a text rule would discard most numeric pairs. A negative with
   no parseable answer is never skipped by this rule. At most `max_pairs` candidates per prompt, a seeded choice.
   Prompts whose unique responses are all right or all wrong give no pairs.
+- Optional chosen-side check (not in the paper; config pairs.chosen_check): a `chosen_ok(text)` predicate a positive
+  must also pass, e.g. "its chain holds together" (mpo_online.chains.chosen_checker, which knows the chain format).
+  A correct response failing it is neither positive nor negative: teaching it as chosen would reward a lucky
+  chain, and rejecting it would push down a right answer. It is applied only to prompts that have both right and
+  wrong responses (so all_correct / all_wrong count the same under every check).
 - Dropout-NTP, for prompts without ground truth: chosen = a response sampled WITH the image; keep its first
   `ratio` of the words; the same policy continues that prefix WITHOUT the image; rejected = prefix + continuation.
 
@@ -21,10 +26,11 @@ continuation is requested from those k token ids, so rejected ids = chosen ids[:
 response holding an input placeholder token (e.g. `<image>`) cannot be scored by the trainer, whose forward would
 take it for an image slot: such responses are left out of pairs.
 
-`skipped` counters use these keys (unit in brackets): duplicate_response / placeholder_token_in_response
-[responses], all_correct / all_wrong / no_samples / no_pairs_left [prompts], answer_in_rejected / over_cap
-[candidate pairs], truncated_chosen / empty_prefix / ntp_no_token_boundary / ntp_same_as_chosen [Dropout-NTP chosen
-responses].
+`skipped` counters use these keys (unit in brackets): duplicate_response / placeholder_token_in_response /
+chosen_check_failed (correct responses the chosen-side check left out) [responses], all_correct / all_wrong /
+no_checked_positive (no correct response passed the chosen-side check) / no_samples / no_pairs_left [prompts],
+answer_in_rejected / over_cap [candidate pairs], truncated_chosen / empty_prefix / ntp_no_token_boundary /
+ntp_same_as_chosen [Dropout-NTP chosen responses].
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 
+from mpo_online.chains import chosen_checker, row_meta
 from mpo_online.records import PreferencePair, Rollout, strip_placeholders
 from mpo_online.verify import answers_match, extract_final_answer
 
@@ -126,11 +133,12 @@ def _capped(candidates: list, max_pairs: int, rng_seed: int, skipped: Counter) -
 
 
 def correctness_pairs(prompt_row: dict, rollouts: list[Rollout], *, max_pairs: int, round: int,
-                      policy_version: int, rng_seed: int) -> tuple[list[PreferencePair], Counter]:
+                      policy_version: int, rng_seed: int, chosen_ok=None) -> tuple[list[PreferencePair], Counter]:
     """Correctness pairs of one prompt (see the module docstring) and the skip counts.
 
     `prompt_row` is a prompt-schema row whose `question` is the text the policy was asked (instructions included:
-    that is what the trainer must condition on). Rollouts without a verdict are labelled here."""
+    that is what the trainer must condition on). Rollouts without a verdict are labelled here. `chosen_ok`: the
+    optional chosen-side check (text -> bool) a correct response must pass to be a positive; None: any."""
     skipped: Counter = Counter()
     gold = prompt_row.get("answer")
     if gold is None:
@@ -150,6 +158,14 @@ def correctness_pairs(prompt_row: dict, rollouts: list[Rollout], *, max_pairs: i
     if not positives:
         skipped["all_wrong"] += 1
         return [], skipped
+    if chosen_ok is not None:
+        checked = [r for r in positives if chosen_ok(r.text)]
+        if len(checked) < len(positives):
+            skipped["chosen_check_failed"] += len(positives) - len(checked)
+        positives = checked
+        if not positives:
+            skipped["no_checked_positive"] += 1
+            return [], skipped
     candidates = []
     for pos in positives:
         for neg in negatives:
@@ -279,12 +295,15 @@ def ntp_pair(prompt_row: dict, chosen: Rollout, prefix: str, continuation: str, 
 
 
 def rft_examples(rollout_rows: list[dict], prompts_by_id: dict[str, dict], *, max_per_prompt: int,
-                 cot_instruction: str = "") -> list[PreferencePair]:
+                 cot_instruction: str = "", chosen_check: str = "answer") -> list[PreferencePair]:
     """The rejection-sampling baseline's data: SFT examples from correct samples (distinct texts, capped per prompt).
 
     `rollout_rows` are a round's rollouts.parquet rows (verdict in `correct`); continuations are not samples.
+    `chosen_check` (config pairs.chosen_check): a correct sample failing the prompt's chosen-side check
+    (chains.chosen_checker, from the prompt row's meta) is not an example, as it would not be a chosen response.
     """
     seen: dict[str, set] = {}
+    checkers: dict[str, object] = {}  # prompt id -> chosen_ok or None, built once per prompt
     out = []
     for r in rollout_rows:
         prompt = prompts_by_id.get(r["prompt_id"])
@@ -292,6 +311,11 @@ def rft_examples(rollout_rows: list[dict], prompts_by_id: dict[str, dict], *, ma
             continue
         texts = seen.setdefault(r["prompt_id"], set())
         if r["text"] in texts or len(texts) >= max_per_prompt:
+            continue
+        if r["prompt_id"] not in checkers:
+            checkers[r["prompt_id"]] = chosen_checker(chosen_check, row_meta(prompt))
+        chosen_ok = checkers[r["prompt_id"]]
+        if chosen_ok is not None and not chosen_ok(r["text"]):
             continue
         texts.add(r["text"])
         out.append(PreferencePair(

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from mpo_online.chains import CHOSEN_CHECKS, chosen_checker, row_meta
 from mpo_online.pairs import (correctness_pairs, derive_seed, drop_placeholder_samples, label_rollout, ntp_chosen,
                               ntp_continuation_request, ntp_pair, sample_round_prompts)
 from mpo_online.records import PreferencePair, Rollout, openai_messages, write_text_atomic
@@ -48,6 +49,7 @@ from mpo_online.round_outputs import RoundStats, collect_round, dead_row, interv
 WORK_SCHEMA = pa.schema([
     ("id", pa.string()), ("kind", pa.string()), ("question", pa.string()),
     ("images", pa.list_(pa.binary())), ("answer", pa.string()),
+    ("meta", pa.string()),  # the prompt row's meta (JSON): the chosen-side check reads a synthetic task's grid there
     ("rejects", pa.string()),  # JSON list of {"stage", "reason", "detail"}; a select/rollout reject ends the row
     ("result", pa.string()),  # JSON: the rollout request's result
     ("rollouts", pa.string()),  # JSON list of Rollout dicts, with verdicts
@@ -139,10 +141,10 @@ def _select(batch: pa.Table, *, ids: list, cot_instruction: str) -> pa.Table:
     out = []
     for row in rows:
         bad = check_row(row)
-        w = {"id": row["id"], "kind": row.get("kind"), "answer": row.get("answer"),
+        w = {"id": row["id"], "kind": row.get("kind"), "answer": row.get("answer"), "meta": row.get("meta"),
              "question": (row.get("question") or "") + cot_instruction, "images": row.get("images") or []}
         if bad:
-            w["images"] = []  # possibly not bytes at all; the reject record is what matters
+            w["images"], w["meta"] = [], None  # possibly not bytes / a string at all; the reject record is what matters
             _reject(w, "select", *bad)
         out.append(w)
     t1 = time.time()
@@ -191,9 +193,10 @@ def _pair_dict(p: PreferencePair, chosen_tokens, rejected_tokens) -> dict:
 
 @_row_stage("pairs")
 def _pairs(rows: list[dict], *, round: int, policy_version: int, seed: int, max_pairs: int, ratio: float,
-           dropout_ntp: bool, placeholder_ids: list[int]) -> None:
+           dropout_ntp: bool, placeholder_ids: list[int], chosen_check: str = "answer") -> None:
     """Correctness pairs for ground-truth prompts; the Dropout-NTP chosen responses for the others. Samples holding
-    an input placeholder token (`placeholder_ids`) take no part: the trainer could not score them."""
+    an input placeholder token (`placeholder_ids`) take no part: the trainer could not score them. `chosen_check`:
+    the chosen-side check of correct responses (config pairs.chosen_check), built from each row's meta."""
     for row in rows:
         if dead_row(row):
             continue
@@ -202,7 +205,8 @@ def _pairs(rows: list[dict], *, round: int, policy_version: int, seed: int, max_
         cap_seed = derive_seed(seed, "cap", round, row["id"])
         if row["answer"] is not None:
             pairs, skipped = correctness_pairs(row, rollouts, max_pairs=max_pairs, round=round,
-                                               policy_version=policy_version, rng_seed=cap_seed)
+                                               policy_version=policy_version, rng_seed=cap_seed,
+                                               chosen_ok=chosen_checker(chosen_check, row_meta(row)))
             tokens = {r.text: r.n_tokens for r in rollouts}
             row["pairs"] = json.dumps([_pair_dict(p, tokens[p.chosen], tokens[p.rejected]) for p in pairs])
         elif dropout_ntp:
@@ -266,7 +270,7 @@ def _continuations(batch: pa.Table, *, client, policy_version: int, temperature:
 def run_round(prompts_ds, *, client, round: int, policy_version: int, out_dir, samples_per_prompt: int = 8,
               temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 96, prompts_per_round: int = 128,
               max_pairs_per_prompt: int = 15, ntp_prefix_ratio: float = 0.5, dropout_ntp: bool = True,
-              cot_instruction: str = "", seed: int = 0, policy_dir: str | None = None,
+              cot_instruction: str = "", chosen_check: str = "answer", seed: int = 0, policy_dir: str | None = None,
               prompt_ids: list[str] | None = None, batch_size: int = 16,
               concurrency: int = 2, ntp_concurrency: int = 1, data_cpus: float = 0.25,
               progress=None) -> RoundStats:
@@ -279,7 +283,10 @@ def run_round(prompts_ds, *, client, round: int, policy_version: int, out_dir, s
     `concurrency` rollout calls in flight: batch_size x concurrency x samples_per_prompt sequences (defaults: 256,
     vLLM's default max_num_seqs). `data_cpus`: logical CPUs per Ray Data task (the generation tasks mostly wait).
     `progress(samples_done, samples_total, pairs_done)` is called as finished prompts reach the driver.
+    `chosen_check`: which correct responses may be chosen (config pairs.chosen_check, mpo_online.chains).
     """
+    if chosen_check not in CHOSEN_CHECKS:  # here, not as a failed task deep in the stream
+        raise ValueError(f"chosen_check must be one of {CHOSEN_CHECKS}, got {chosen_check!r}")
     import ray
 
     t_start = time.time()
@@ -304,7 +311,8 @@ def run_round(prompts_ds, *, client, round: int, policy_version: int, out_dir, s
                         fn_kwargs={"round": round, "policy_version": policy_version})
     ds = ds.map_batches(_pairs, batch_format="pyarrow", num_cpus=data_cpus, fn_kwargs={
         "round": round, "policy_version": policy_version, "seed": seed, "max_pairs": max_pairs_per_prompt,
-        "ratio": ntp_prefix_ratio, "dropout_ntp": dropout_ntp, "placeholder_ids": placeholder_ids})
+        "ratio": ntp_prefix_ratio, "dropout_ntp": dropout_ntp, "placeholder_ids": placeholder_ids,
+        "chosen_check": chosen_check})
     if dropout_ntp:
         ds = ds.map_batches(_continuations, batch_format="pyarrow", batch_size=batch_size, num_cpus=data_cpus,
                             compute=ray.data.TaskPoolStrategy(size=ntp_concurrency),

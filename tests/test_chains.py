@@ -1,7 +1,8 @@
 """Tests for mpo_online.chains (render and check the synthetic tasks' chains) and for the image-placement convention
 (records.content_parts / prompt_question, data._question_text) the tasks rely on. Pure logic, no Ray."""
 
-from mpo_online.chains import check_chain, describe_solution, glance_solution, scan_line, worked_solution
+from mpo_online.chains import (check_chain, chosen_checker, describe_solution, glance_solution, row_meta, scan_line,
+                                worked_solution)
 from mpo_online.data import normalize_row
 from mpo_online.records import (PreferencePair, openai_messages, pair_to_row, row_to_pair, strip_placeholders,
                                 user_message)
@@ -109,3 +110,31 @@ def test_pair_chain_rates_by_hand():
     assert rates == {"pairs_checked": 2, "chosen_scanned": 0.5, "chosen_perceived": 0.5, "chosen_consistent": 0.5,
                      "rejected_scanned": 0.5, "rejected_perceived": 0.0, "rejected_consistent": 0.5}
     assert pair_chain_rates([pair("dropout_ntp", worked, misread)], meta) == {}
+
+
+def test_chosen_checker_modes_by_hand():
+    """On CELLS, "red and blue in total?" (gold 5): the worked chain passes every check; a chain that misreads a red
+    cell and then jumps to the gold answer (computes 2 + 2 = 4, answers 5) is right by luck: not consistent; a chain
+    that reads a red cell as blue (2 + 3 = 5) holds together but misread the image: consistent, not perceived."""
+    import json
+
+    import pytest
+
+    worked, _ = worked_solution("sum", ["red", "blue"], CELLS)
+    jump = "r: 1......2........ = 2\nb: ....1......2.... = 2\n2 + 2 = 4\nFinal answer: 5"
+    misread, n = worked_solution("sum", ["red", "blue"], "r...b..b.r.b...g")  # cell 7: red read as blue
+    assert n == 5 and misread == "r: 1........2...... = 2\nb: ....1..2...3.... = 3\n2 + 3 = 5\nFinal answer: 5"
+    meta = {"op": "sum", "colors": ["red", "blue"], "cells": CELLS}
+    consistent, perceived = chosen_checker("consistent", meta), chosen_checker("perceived", meta)
+    assert [consistent(t) for t in (worked, jump, misread)] == [True, False, True]
+    assert [perceived(t) for t in (worked, jump, misread)] == [True, False, False]
+    lucky_glance = glance_solution("sum", ["red", "blue"], {"red": 3, "blue": 2})  # no scan: nothing to hold together
+    assert consistent(lucky_glance) is False and perceived(lucky_glance) is False
+    # "answer", or a row that is not a synthetic grid task: no check (the paper's rule)
+    assert chosen_checker("answer", meta) is None
+    assert chosen_checker("perceived", None) is None and chosen_checker("consistent", {"source": "mmpr"}) is None
+    with pytest.raises(ValueError, match="chosen check"):
+        chosen_checker("luck", meta)
+    # row_meta: parsed meta of synthetic rows only
+    assert row_meta({"id": "t", "meta": json.dumps(meta)}) == meta
+    assert row_meta({"id": "q", "meta": '{"source": "mmpr"}'}) is None and row_meta({"id": "q", "meta": None}) is None

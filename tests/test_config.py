@@ -73,3 +73,17 @@ def test_hash_ignores_round_count_but_not_training_settings():
     base = load_config(None)
     assert load_config(None, ["loop.rounds=9"]).hash() == base.hash()
     assert load_config(None, ["trainer.lr=1e-3"]).hash() != base.hash()
+
+
+def test_chosen_check_modes_match_the_checker():
+    """The config's modes are exactly those mpo_online.chains.chosen_checker knows; the paper's rule is the default."""
+    import typing
+
+    from mpo_online.chains import CHOSEN_CHECKS
+    from mpo_online.config import PairsConfig
+
+    assert typing.get_args(PairsConfig.model_fields["chosen_check"].annotation) == CHOSEN_CHECKS
+    assert load_config(None).pairs.chosen_check == "answer"
+    assert load_config(None, ["pairs.chosen_check=perceived"]).pairs.chosen_check == "perceived"
+    with pytest.raises(ConfigError, match="pairs.chosen_check"):
+        load_config(None, ["pairs.chosen_check=luck"])

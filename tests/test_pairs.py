@@ -1,12 +1,14 @@
 """Pure tests of mpo_online.pairs: hand-worked cases for prompt sampling, correctness pairs, Dropout-NTP."""
 
+import json
 from collections import Counter
 
 import pytest
 
+from mpo_online.chains import chosen_checker, row_meta, worked_solution
 from mpo_online.pairs import (correctness_pairs, dedupe_rollouts, derive_seed, drop_placeholder_samples,
                               label_rollout, ntp_chosen, ntp_continuation_request, ntp_pair, ntp_prefix,
-                              prefix_token_count, sample_round_prompts, text_only_messages)
+                              prefix_token_count, rft_examples, sample_round_prompts, text_only_messages)
 from mpo_online.records import PreferencePair, Rollout
 
 PROMPT = {"id": "p1", "question": "How many red shapes are there?", "images": [b"png"], "answer": "3", "kind": "qa"}
@@ -147,6 +149,109 @@ def test_derive_seed_stable_and_bounded():
     assert derive_seed(0, "round", 1, "p") == derive_seed(0, "round", 1, "p")
     assert derive_seed(0, "round", 1, "p") != derive_seed(0, "round", 2, "p")
     assert 0 <= derive_seed("x") < 2**31
+
+
+# ------------------------------------------------------------------------------------- chosen-side check
+
+# A synthetic 4x4 task, "red and blue in total?" on r...b..r.r.b...g (red at cells 0, 7, 9; blue at 4, 11): gold 5.
+CELLS = "r...b..r.r.b...g"
+GRID = {"id": "g1", "question": "How many red and blue shapes are there in total?<image>", "images": [b"png"],
+        "answer": "5", "kind": "qa", "meta": json.dumps({"op": "sum", "colors": ["red", "blue"], "cells": CELLS})}
+WORKED = worked_solution("sum", ["red", "blue"], CELLS)[0]  # right answer, holds together, reads the grid right
+# misreads a red cell (2 + 2 = 4), then answers 5 anyway: right by luck, the answer does not follow from the chain
+JUMP = "r: 1......2........ = 2\nb: ....1......2.... = 2\n2 + 2 = 4\nFinal answer: 5"
+# reads the red cell 7 as blue (2 + 3 = 5): holds together, right answer, but misread the image
+MISREAD = worked_solution("sum", ["red", "blue"], "r...b..b.r.b...g")[0]
+WRONG = "r: 1......2........ = 2\nb: ....1......2.... = 2\n2 + 2 = 4\nFinal answer: 4"
+
+
+def checked_pairs(row, texts, mode):
+    return correctness_pairs(row, [ro(i, t) for i, t in enumerate(texts)], max_pairs=15, round=1, policy_version=0,
+                             rng_seed=0, chosen_ok=chosen_checker(mode, row_meta(row)))
+
+
+def test_chosen_check_drops_lucky_and_misread_positives():
+    texts = [WORKED, JUMP, MISREAD, WRONG]
+    chosen = {}
+    for mode in ("answer", "consistent", "perceived"):
+        pairs, skipped = checked_pairs(GRID, texts, mode)
+        assert {p.rejected for p in pairs} == {WRONG} and all(p.chosen_correct for p in pairs)
+        chosen[mode] = ([p.chosen for p in pairs], skipped)
+    assert chosen["answer"] == ([WORKED, JUMP, MISREAD], Counter())
+    assert chosen["consistent"] == ([WORKED, MISREAD], Counter(chosen_check_failed=1))  # the lucky jump
+    assert chosen["perceived"] == ([WORKED], Counter(chosen_check_failed=2))  # + the misread chain
+    # a dropped positive is not turned into a negative: no pair has it on either side
+    assert all(JUMP not in (p.chosen, p.rejected) for p in checked_pairs(GRID, texts, "consistent")[0])
+
+
+def test_chosen_check_with_no_positive_left_and_all_correct():
+    pairs, skipped = checked_pairs(GRID, [JUMP, MISREAD, WRONG], "perceived")
+    assert pairs == [] and skipped == Counter(chosen_check_failed=2, no_checked_positive=1)
+    pairs, skipped = checked_pairs(GRID, [JUMP, MISREAD, WRONG], "consistent")
+    assert [p.chosen for p in pairs] == [MISREAD] and skipped == Counter(chosen_check_failed=1)
+    # a prompt with no wrong response is all_correct under every mode; the check is not counted there
+    assert checked_pairs(GRID, [WORKED, JUMP], "perceived") == ([], Counter(all_correct=1))
+    # any callable will do (pairs.py knows nothing of chains)
+    pairs, skipped = correctness_pairs(PROMPT, [ro(0, "Final answer: 3"), ro(1, "so 3\nFinal answer: 3"),
+                                                ro(2, "Final answer: 4")], max_pairs=15, round=0, policy_version=0,
+                                       rng_seed=0, chosen_ok=lambda text: text.startswith("so"))
+    assert [p.chosen for p in pairs] == ["so 3\nFinal answer: 3"] and skipped == Counter(chosen_check_failed=1)
+
+
+def test_chosen_check_on_a_row_without_grid_is_the_answer_rule():
+    for meta in (None, '{"source": "mmpr"}'):
+        row = {**GRID, "id": "q1", "meta": meta}
+        for mode in ("consistent", "perceived"):
+            pairs, skipped = checked_pairs(row, [WORKED, JUMP, MISREAD, WRONG], mode)
+            assert [p.chosen for p in pairs] == [WORKED, JUMP, MISREAD] and skipped == Counter()
+
+
+def test_rft_examples_take_the_chosen_check():
+    plain = {"id": "q1", "question": "How many?", "images": [], "answer": "3", "kind": "qa", "meta": None}
+    prompts = {"g1": GRID, "q1": plain}
+
+    def row(pid, i, text, correct):
+        return {"prompt_id": pid, "text": text, "correct": correct, "source": "rollout", "round": 1,
+                "policy_version": 0, "final_answer": None, "token_ids": None, "logprobs": None, "sample_index": i}
+    rows = [row("g1", 0, JUMP, True), row("g1", 1, MISREAD, True), row("g1", 2, WORKED, True),
+            row("g1", 3, WRONG, False), row("g1", 4, WORKED, True), row("q1", 0, JUMP, True)]
+
+    def chosen(mode, cap=8):
+        return [(e.prompt_id, e.chosen) for e in rft_examples(rows, prompts, max_per_prompt=cap, chosen_check=mode)]
+    assert chosen("answer") == [("g1", JUMP), ("g1", MISREAD), ("g1", WORKED), ("q1", JUMP)]
+    assert chosen("consistent") == [("g1", MISREAD), ("g1", WORKED), ("q1", JUMP)]  # q1 has no grid: answer rule
+    assert chosen("perceived") == [("g1", WORKED), ("q1", JUMP)]
+    # the cap counts kept examples only: a failing sample does not take a slot
+    assert chosen("answer", cap=1) == [("g1", JUMP), ("q1", JUMP)]
+    assert chosen("perceived", cap=1) == [("g1", WORKED), ("q1", JUMP)]
+
+
+def test_pairs_stage_reads_the_row_meta_select_kept():
+    """rollout_pipeline wiring without Ray: _select carries a generated task's meta into the work row, and _pairs
+    builds the chosen-side check from it (a correct glance answer has no chain: dropped under "consistent")."""
+    from dataclasses import asdict
+
+    import pyarrow as pa
+
+    from mpo_online.data import rows_to_table
+    from mpo_online.rollout_pipeline import WORK_SCHEMA, _pairs, _select
+    from mpo_online.tasks import generate_tasks
+
+    task = generate_tasks(1, seed=3, levels=(2,), open_fraction=0.0)[0]
+    meta = json.loads(task["meta"])
+    work = _select(rows_to_table([task]), ids=[task["id"]], cot_instruction="").to_pylist()
+    assert len(work) == 1 and work[0]["meta"] == task["meta"] and work[0]["rejects"] is None
+    texts = [task["solution"], meta["glance"], f"Final answer: {int(task['answer']) + 1}"]
+    rollouts = [label_rollout(ro(i, t), task["answer"]) for i, t in enumerate(texts)]
+    assert [r.correct for r in rollouts] == [True, True, False]
+    work[0]["rollouts"] = json.dumps([asdict(r) for r in rollouts])
+    table = pa.Table.from_pylist(work, schema=WORK_SCHEMA)
+    kw = dict(round=1, policy_version=0, seed=0, max_pairs=4, ratio=0.5, dropout_ntp=True, placeholder_ids=[])
+    for mode, chosen, skipped in (("answer", [texts[0], texts[1]], {}),
+                                  ("consistent", [texts[0]], {"chosen_check_failed": 1})):
+        out = _pairs(table, **kw, chosen_check=mode).to_pylist()[0]
+        assert [p["chosen"] for p in json.loads(out["pairs"])] == chosen
+        assert json.loads(out["skipped"]) == skipped
 
 
 # ---------------------------------------------------------------------------------------------- Dropout-NTP
