@@ -4,8 +4,9 @@
 
 Per round: generating = the union of intervals with rollout requests in flight (engine-busy fraction x rollout wall
 time, recorded by the Ray Data round), training = the optimizer-step time the workers measured, evaluating = the
-eval phase. Everything else (Ray Train worker start-up, reference pass, data plumbing, checkpoint export, swap) is
-overhead. Target: overhead <= 10% of round time.
+eval phase. Everything else (the training worker group's start-up, which the job's first update may wait for, the
+reference pass over the pairs the engine's log-probs do not cover, data plumbing, model and optimizer set-up, export,
+swap) is overhead. Target: overhead <= 10% of round time.
 """
 
 import json

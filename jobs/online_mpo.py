@@ -80,6 +80,11 @@ def main(argv=None) -> int:
     prompts = to_ray_dataset(train_rows)
     task_meta = synthetic_meta(train_rows)
     heldout = load_prompts(f"{warm['data']}/heldout.parquet", quarantine_path=run.root / "heldout_rejects.jsonl")[0]
+    # the training worker group lives for the whole job; it starts in the background (Ray Train start-up, imports)
+    # while the engines start, and every round's update reuses it
+    pending = [r for r in range(1, cfg.loop.rounds + 1) if not phase_at_least(run.manifest(r), "trained")]
+    session = TrainerSession.start(storage_dir=str(run.root / "trainer_session"), **session_kwargs(cfg)) \
+        if pending else None
     console.phase(0, "serve", note=f"starting {cfg.serving.replicas} replica(s)")
     client = start_policy_server(str(run.policy_dir(0)), dtype=cfg.model.dtype,
                                  **serving_kwargs(cfg.serving, cfg.resources))
@@ -106,7 +111,6 @@ def main(argv=None) -> int:
                                "seconds": {"eval": time.time() - t, "total": time.time() - t}}, time.time() - t0)
     console.last_accuracy = reporter.rounds[max(reporter.rounds)]["eval"]["accuracy_cot"]
 
-    session = None  # the training worker group: started at this job's first update, reused by every later round
     for r in range(1, cfg.loop.rounds + 1):
         m = run.manifest(r) or RoundManifest(round=r, phase="started", policy_version=r - 1,
                                              seeds={"rollout": cfg.rollout.seed + r, "train": cfg.trainer.seed + r})
@@ -149,9 +153,6 @@ def main(argv=None) -> int:
             else:
                 ref = None if objective in ("sft", "rft") else \
                     run.policy_dir(0 if cfg.mpo.reference == "initial" else r - 1)
-                if session is None:
-                    session = TrainerSession.start(storage_dir=str(run.root / "trainer_session"),
-                                                   **session_kwargs(cfg))
                 result = session.train(
                     data_path, policy_dir=str(run.policy_dir(r - 1)), out_dir=str(run.policy_dir(r)),
                     ref_dir=None if ref is None else str(ref), objective=objective, weights=cfg.mpo.weights(),

@@ -249,7 +249,7 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
     if pairs and engine_reference:
         ref_table, ref_rows = engine_ref_logps(shard, collate, batch_size=micro_batch_size)
     n_engine_ref = len(ref_table)
-    if pairs and (rows is None or ref_rows):
+    if pairs and (not engine_reference or ref_rows):   # the pairs the engine's log-probs do not cover
         table, ref_tokens = compute_ref_logps(ref_dir or policy_dir, ref_rows, collate, batch_size=micro_batch_size,
                                               chunk_size=logps_chunk_size, device=device, dtype=dtype)
         ref_table.update(table)
