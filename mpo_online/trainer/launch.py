@@ -105,7 +105,8 @@ def check_objective(objective: str, weights, *, zero_stage: int, precision: str)
     if zero_stage not in (0, 1, 2, 3) or precision not in ("fp32", "bf16"):
         raise ValueError("zero_stage must be 0-3 and precision fp32 or bf16")
     pairs = objective not in ("sft", "rft")
-    return pairs, tuple(float(x) for x in (weights if (weights is not None and pairs) else OBJECTIVE_WEIGHTS[objective]))
+    w = weights if (weights is not None and pairs) else OBJECTIVE_WEIGHTS[objective]
+    return pairs, tuple(float(x) for x in w)
 
 
 def worker_config(n_rows: int, *, policy_dir, ref_dir, objective: str, weights: tuple, beta: float, delta_state,

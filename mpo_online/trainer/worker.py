@@ -2,8 +2,9 @@
 
 Launched by mpo_online.trainer.launch.train_policy through `TorchTrainer(train_fn, train_loop_config=kwargs)`;
 `train_fn(config)` unpacks the plain kwargs of `train_worker`. The long-lived workers of a TrainerSession
-(mpo_online.trainer.session) call `train_worker` once per round with their shard as rows (no Ray Train checkpoints). Ray Train has already set up torch.distributed
-(gloo on CPU, NCCL on GPU); `deepspeed.initialize` joins that process group.
+(mpo_online.trainer.session) call `train_worker` once per round with their shard as rows (no Ray Train
+checkpoints). Ray Train has already set up torch.distributed (gloo on CPU, NCCL on GPU); `deepspeed.initialize`
+joins that process group.
 
 What one call does, per worker:
  1. Resume: `ray.train.get_checkpoint()` (a re-run with the same run name + storage path) gives the last checkpoint:
