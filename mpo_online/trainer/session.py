@@ -76,7 +76,14 @@ def session_fn(config: dict) -> None:
     import ray
     import ray.train
 
+    import importlib
+
     from mpo_online.trainer.worker import train_worker
+
+    # what every job imports, imported once while the engines start (deepspeed alone takes seconds)
+    for name in ("deepspeed", "transformers", "mpo_online.trainer.batching", "mpo_online.trainer.checkpointing",
+                 "mpo_online.trainer.logps", "mpo_online.losses", "mpo_online.console"):
+        importlib.import_module(name)
 
     board, rank, last = config["board"], ray.train.get_context().get_world_rank(), 0
     while (item := ray.get(board.take.remote(last))) is not None:
@@ -165,7 +172,8 @@ class TrainerSession:
         config, plan = worker_config(
             len(rows), policy_dir=policy_dir, ref_dir=ref_dir, objective=objective, weights=w, beta=beta,
             delta_state=delta_state, num_workers=self.num_workers, worker_cpus=self.worker_cpus,
-            progress_file=progress_file, hyper=hyper, checkpoint_every=0, engine_reference=engine_reference,
+            progress_file=str(Path(progress_file).resolve()) if progress_file else None,   # workers' cwd differs
+            hyper=hyper, checkpoint_every=0, engine_reference=engine_reference,
             nan_on_micro_batches=tuple(_nan_on_micro_batches))
         export = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
         prep_seconds = time.time() - t0
