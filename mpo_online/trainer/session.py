@@ -27,6 +27,7 @@ session is closed. A killed job resumes at its round phase as before (mpo_online
 from __future__ import annotations
 
 import asyncio
+import importlib
 import random
 import shutil
 import threading
@@ -75,8 +76,6 @@ def session_fn(config: dict) -> None:
     """Ray Train entry point of a session: take jobs until the board closes."""
     import ray
     import ray.train
-
-    import importlib
 
     from mpo_online.trainer.worker import train_worker
 
