@@ -167,6 +167,14 @@ class RunConfig(_Section):
         if t.global_batch_size % per_step:
             raise ValueError(f"trainer.global_batch_size ({t.global_batch_size}) must be a multiple of "
                              f"micro_batch_size x resources.train_workers ({per_step})")
+        # the training worker group holds its CPUs for the whole run (mpo_online/trainer/session.py), beside the
+        # engines: with no CPU left for Ray Data's tasks the rollouts would wait forever
+        r = self.resources
+        held = self.serving.replicas * r.serve_replica_cpus + r.train_workers * r.train_worker_cpus
+        if r.num_cpus is not None and held + r.data_cpus > r.num_cpus:
+            raise ValueError(f"resources.num_cpus ({r.num_cpus}) must cover the engines ({self.serving.replicas} x "
+                             f"{r.serve_replica_cpus}) + the training workers, which live for the whole run "
+                             f"({r.train_workers} x {r.train_worker_cpus}) + one Ray Data task ({r.data_cpus})")
         return self
 
     def hash(self) -> str:

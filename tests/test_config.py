@@ -62,6 +62,18 @@ def test_global_batch_must_divide_evenly():
         load_config(None, ["trainer.global_batch_size=30", "trainer.micro_batch_size=8"])
 
 
+def test_cpus_must_cover_engines_training_workers_and_a_data_task():
+    """The training workers live for the whole run beside the engines (trainer session): 2 engines x 1 + 2 workers
+    x 1 = 4 of 4 CPUs leaves nothing for a 0.25-CPU Ray Data task, and the rollouts would never be scheduled."""
+    base = ["resources.num_cpus=4", "resources.serve_replica_cpus=1", "resources.train_workers=2",
+            "resources.train_worker_cpus=1", "resources.data_cpus=0.25", "trainer.micro_batch_size=8",
+            "trainer.global_batch_size=32"]
+    with pytest.raises(ConfigError, match="live for the whole run"):
+        load_config(None, base + ["serving.replicas=2"])
+    assert load_config(None, base + ["serving.replicas=1"]).serving.replicas == 1
+    assert load_config(None, base + ["serving.replicas=2", "resources.num_cpus=null"]).resources.num_cpus is None
+
+
 def test_objective_weights():
     assert load_config(None, ["mpo.objective=dpo"]).mpo.weights() == (1.0, 0.0, 0.0)
     assert load_config(None, ["mpo.objective=dpo_sft"]).mpo.weights() == (1.0, 0.0, 1.0)
