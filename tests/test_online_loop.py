@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~10 minutes on 2 cores: `-m "not slow"` skips it
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~6 minutes on 2 cores: `-m "not slow"` skips it
 
 
 def _free_port() -> int:
