@@ -5,8 +5,9 @@
     mpo-online run --config jobs/configs/tiny_cpu.yaml            (the same, through the console script)
 
 Setup (Ray, warm-start policy v0, prompts, the Serve app) -> round 0 evaluation -> for each round:
-rollouts + pairs (Ray Data, sampling from the served policy) -> MPO update (Ray Train + DeepSpeed) -> publish and
-hot-swap version r into the running engines -> evaluate the served policy -> record -> next round; cleanup.
+rollouts + pairs (Ray Data, sampling from the served policy) -> MPO update (Ray Train + DeepSpeed, on one worker
+group that lives for the whole job: mpo_online/trainer/session.py) -> publish and hot-swap version r into the running
+engines -> evaluate the served policy -> record -> next round; cleanup.
 
 Every phase ends by rewriting the round's manifest, so killing this job at any moment and starting it again with
 the same run directory resumes at the phase it was in (see mpo_online/run_state.py).
