@@ -11,6 +11,7 @@ import os as _os
 
 # Intel MKL picks its float kernels by CPU (AVX-512 on Intel, AVX2 on AMD), so the same training run can round
 # differently on two machines of the same kind, and a 500-step warm start of the tiny policy is sensitive to that
-# (README, "Reproducibility across machines of one kind"). One code path for every x86-64 machine with AVX2: MKL reads this at its first call, so
-# setting it here (before any matmul of a process that imports mpo_online) is enough. An explicit setting wins.
+# (README, "Reproducibility across machines of one kind"). One code path for every x86-64 machine with AVX2: MKL
+# reads this at its first call, so setting it here (before any matmul of a process that imports mpo_online) is
+# enough. An explicit setting wins.
 _os.environ.setdefault("MKL_CBWR", "AVX2")

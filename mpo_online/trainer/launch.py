@@ -127,6 +127,23 @@ def worker_config(n_rows: int, *, policy_dir, ref_dir, objective: str, weights: 
     return config, plan
 
 
+def worker_scaling(num_workers: int, worker_cpus: float, worker_gpus: float):
+    """Ray Train's ScalingConfig for `num_workers` workers reserving these CPUs / GPUs each."""
+    from ray.train import ScalingConfig
+    resources = {"CPU": worker_cpus, **({"GPU": worker_gpus} if worker_gpus else {})}
+    return ScalingConfig(num_workers=num_workers, use_gpu=worker_gpus > 0, resources_per_worker=resources)
+
+
+def call_record(run_name: str, out_dir: Path, config: dict, metrics: dict, state: dict,
+                checkpoint_path: str = "") -> dict:
+    """What `<out_dir>/mpo_train.json` records of a training call (`_cached` reads it back). `config`: the worker
+    kwargs (worker_config); `state`: the worker's final delta and per-step history."""
+    return {"run_name": run_name, "policy_dir": str(out_dir), "parent_policy_dir": config["policy_dir"],
+            "ref_dir": config["ref_dir"] or config["policy_dir"], "objective": config["objective"],
+            "weights": config["weights"], "beta": config["beta"], "metrics": metrics, "delta_state": state["delta"],
+            "history": state["history"], "checkpoint_path": checkpoint_path}
+
+
 def worker_runtime_env() -> dict:
     """Workers import mpo_online by module path; make that work without an installed package too."""
     pkg_root = str(Path(__file__).resolve().parents[2])
@@ -212,7 +229,7 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
     """
     import ray.train
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from mpo_online.console import TRAIN_PROGRESS_FILE
@@ -243,12 +260,10 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
         fail_after_step=_fail_after_step)
     prep_seconds = time.time() - t0
 
-    resources = {"CPU": worker_cpus, **({"GPU": worker_gpus} if worker_gpus else {})}
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=worker_gpus > 0,
-                                     resources_per_worker=resources),
+        scaling_config=worker_scaling(num_workers, worker_cpus, worker_gpus),
         datasets={"train": ds},
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True),
                                             enable_shard_locality=False),
@@ -279,10 +294,7 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
             teardown_seconds=t_fit_end - metrics["worker_done_time"],  # export + final report + shutdown
             grad_accum=plan["grad_accum"], num_workers=num_workers, objective=objective,
         )
-        record = {"run_name": run_name, "policy_dir": str(out_dir), "parent_policy_dir": config["policy_dir"],
-                  "ref_dir": config["ref_dir"] or config["policy_dir"], "objective": objective, "weights": w,
-                  "beta": beta, "metrics": metrics, "delta_state": state["delta"], "history": state["history"],
-                  "checkpoint_path": result.checkpoint.path}
+        record = call_record(run_name, out_dir, config, metrics, state, checkpoint_path=result.checkpoint.path)
         _publish(os.path.join(ckpt_dir, HF_DIR), policy_dir=config["policy_dir"], out_dir=out_dir, record=record)
     metrics["publish_seconds"] = time.time() - t0
     metrics["total_seconds"] = time.time() - t_call

@@ -36,8 +36,9 @@ import traceback
 import uuid
 from pathlib import Path
 
-from mpo_online.trainer.launch import (TrainResult, _cached, check_objective, hyper_settings, publish_in_place,
-                                       train_columns, worker_config, worker_runtime_env)
+from mpo_online.trainer.launch import (TrainResult, _cached, call_record, check_objective, hyper_settings,
+                                       publish_in_place, train_columns, worker_config, worker_runtime_env,
+                                       worker_scaling)
 
 POLL_SECONDS = 0.05
 
@@ -99,25 +100,22 @@ def session_fn(config: dict) -> None:
 class TrainerSession:
     """Driver handle of the long-lived worker group. Not thread-safe: one `train` call at a time."""
 
-    def __init__(self, board, thread: threading.Thread, fit_error: list, *, num_workers: int, worker_cpus: float,
-                 started: float):
+    def __init__(self, board, thread: threading.Thread, fit_error: list, *, num_workers: int, worker_cpus: float):
         self.board, self._thread, self._fit_error = board, thread, fit_error
-        self.num_workers, self.worker_cpus, self.started = num_workers, worker_cpus, started
+        self.num_workers, self.worker_cpus = num_workers, worker_cpus
         self.closed = False
 
     @classmethod
     def start(cls, *, num_workers: int = 2, worker_cpus: float = 1.0, worker_gpus: float = 0.0,
               storage_dir, name: str | None = None) -> "TrainerSession":
         import ray
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig
         from ray.train.torch import TorchTrainer
 
         board = ray.remote(num_cpus=0)(JobBoard).remote(num_workers)
-        resources = {"CPU": worker_cpus, **({"GPU": worker_gpus} if worker_gpus else {})}
         trainer = TorchTrainer(
             session_fn, train_loop_config={"board": board},
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=worker_gpus > 0,
-                                         resources_per_worker=resources),
+            scaling_config=worker_scaling(num_workers, worker_cpus, worker_gpus),
             run_config=RunConfig(name=name or f"session-{uuid.uuid4().hex[:8]}",
                                  storage_path=str(Path(storage_dir).resolve()),
                                  failure_config=FailureConfig(max_failures=0),
@@ -132,7 +130,7 @@ class TrainerSession:
 
         thread = threading.Thread(target=fit, name="mpo-trainer-session", daemon=True)
         thread.start()
-        return cls(board, thread, fit_error, num_workers=num_workers, worker_cpus=worker_cpus, started=time.time())
+        return cls(board, thread, fit_error, num_workers=num_workers, worker_cpus=worker_cpus)
 
     def train(self, dataset, *, policy_dir, out_dir, ref_dir=None, objective: str = "mpo", weights=None,
               beta: float = 0.1, delta_state: dict | None = None, run_name: str | None = None, progress_file=None,
@@ -194,12 +192,9 @@ class TrainerSession:
                        startup_seconds=metrics["worker_start_time"] - (t_call + prep_seconds),  # job hand-over
                        teardown_seconds=t_done - metrics["worker_done_time"], grad_accum=plan["grad_accum"],
                        num_workers=self.num_workers, objective=objective, session=True)
-        record = {"run_name": run_name, "policy_dir": str(out_dir), "parent_policy_dir": config["policy_dir"],
-                  "ref_dir": config["ref_dir"] or config["policy_dir"], "objective": objective, "weights": w,
-                  "beta": beta, "metrics": metrics, "delta_state": state["delta"], "history": state["history"],
-                  "checkpoint_path": ""}
         t0 = time.time()
-        publish_in_place(export, policy_dir=config["policy_dir"], out_dir=out_dir, record=record)
+        publish_in_place(export, policy_dir=config["policy_dir"], out_dir=out_dir,
+                         record=call_record(run_name, out_dir, config, metrics, state))
         metrics["publish_seconds"] = time.time() - t0
         metrics["total_seconds"] = time.time() - t_call
         return TrainResult(policy_dir=str(out_dir), metrics=metrics, delta_state=state["delta"],
