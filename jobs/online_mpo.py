@@ -73,19 +73,19 @@ def main(argv=None) -> int:
     console.phase(0, "ray")
     connect_ray(cfg.resources)
     console.ray_started()
+    # the training worker group lives for the whole job: it starts in the background (Ray Train start-up, imports)
+    # while the model and tasks are built, then runs the warm start and every round's update
+    pending = [r for r in range(1, cfg.loop.rounds + 1) if not phase_at_least(run.manifest(r), "trained")]
+    session = TrainerSession.start(storage_dir=str(run.root / "trainer_session"), **session_kwargs(cfg)) \
+        if pending or not run.has_policy(0) else None
     console.phase(0, "warm start", watch=train_progress_watcher(run.root / "warm_start_train"))
-    warm = warm_start_from_config(cfg, force=True, evaluate_offline=False)  # run dir already checked above
+    warm = warm_start_from_config(cfg, force=True, evaluate_offline=False, session=session)  # run dir checked above
     console.done(warm.get("train") or "policy v0 from an earlier session")
     train_rows, quarantine = load_prompts(f"{warm['data']}/train.parquet",
                                           quarantine_path=run.root / "prompts_rejects.jsonl")
     prompts = to_ray_dataset(train_rows)
     task_meta = synthetic_meta(train_rows)
     heldout = load_prompts(f"{warm['data']}/heldout.parquet", quarantine_path=run.root / "heldout_rejects.jsonl")[0]
-    # the training worker group lives for the whole job; it starts in the background (Ray Train start-up, imports)
-    # while the engines start, and every round's update reuses it
-    pending = [r for r in range(1, cfg.loop.rounds + 1) if not phase_at_least(run.manifest(r), "trained")]
-    session = TrainerSession.start(storage_dir=str(run.root / "trainer_session"), **session_kwargs(cfg)) \
-        if pending else None
     console.phase(0, "serve", note=f"starting {cfg.serving.replicas} replica(s)")
     client = start_policy_server(str(run.policy_dir(0)), dtype=cfg.model.dtype,
                                  **serving_kwargs(cfg.serving, cfg.resources))
@@ -211,7 +211,7 @@ EVAL_CHUNKS = 8  # held-out requests go out in this many concurrent calls, so th
 def rollout_kwargs(cfg) -> dict:
     ro, pa = cfg.rollout, cfg.pairs
     return dict(samples_per_prompt=ro.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
-                max_tokens=ro.max_tokens, prompts_per_round=ro.prompts_per_round,
+                max_tokens=ro.max_tokens, prompts_per_round=ro.prompts_per_round, concurrency=ro.concurrency,
                 max_pairs_per_prompt=pa.max_pairs_per_prompt, ntp_prefix_ratio=pa.ntp_prefix_ratio,
                 dropout_ntp=pa.dropout_ntp, chosen_check=pa.chosen_check, cot_instruction=cfg.data.cot_instruction,
                 data_cpus=cfg.resources.data_cpus)
@@ -223,7 +223,8 @@ def trainer_kwargs(cfg, seed: int) -> dict:
                 warmup_ratio=t.warmup_ratio, epochs=t.epochs, micro_batch_size=t.micro_batch_size,
                 global_batch_size=t.global_batch_size, zero_stage=t.zero_stage, precision=t.precision,
                 max_grad_norm=t.max_grad_norm, max_nonfinite_steps=t.max_nonfinite_steps,
-                logps_chunk_size=t.logps_chunk_size, max_length=t.max_length, seed=seed)
+                logps_chunk_size=t.logps_chunk_size, max_length=t.max_length, group_by=t.group_by,
+                pref_span=mpo.pref_span, seed=seed)
 
 
 def session_kwargs(cfg) -> dict:

@@ -50,6 +50,8 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(96, gt=0)
     seed: int = 0
+    # rollout calls in flight (16 prompts each): x 16 x samples_per_prompt sequences should fill serving.max_num_seqs
+    concurrency: int = Field(2, gt=0)
 
 
 class PairsConfig(_Section):
@@ -78,6 +80,9 @@ class MPOConfig(_Section):
     # reference "previous" is the policy that sampled the round's pairs: take its log-probs from the engine's sampling
     # log-probs (no reference pass over those pairs; tests/test_parity.py checks they equal the trainer's)
     engine_reference: bool = True
+    # what a pair's rewards sum over: the whole response (the paper) or the line where chosen and rejected first
+    # differ (mpo_online/trainer/batching.py preference_spans: a misread cell, not the chain that follows from it)
+    pref_span: Literal["sequence", "first_diff_line"] = "sequence"
 
     def weights(self) -> tuple[float, float, float]:
         """(w_pref, w_quality, w_gen) the objective implies; `mpo` uses the configured weights."""
@@ -98,6 +103,8 @@ class TrainerConfig(_Section):
     max_nonfinite_steps: int = Field(3, ge=0)  # more skipped non-finite steps than this aborts the call
     logps_chunk_size: int = Field(1024, gt=0)
     max_length: int = Field(512, gt=0)  # prompt + response tokens
+    # what the rows of one micro-batch tick share (mpo_online/trainer/ordering.py): length | images | none
+    group_by: Literal["length", "images", "none"] = "length"
     seed: int = 0
 
 

@@ -2,7 +2,8 @@
 
 A random policy cannot produce a single "Final answer:" line, so before any preference learning it learns the task
 format from the tasks' chain-of-thought `solution`s (and direct answers for a share of prompts, so direct-answer
-evaluation means something). The SFT runs on the same Ray Train + DeepSpeed machinery as MPO (`objective="sft"`).
+evaluation means something). The SFT runs on the run's training worker group (a TrainerSession: Ray Train +
+DeepSpeed, `objective="sft"`), the one the rounds' MPO updates then use.
 
 Used by `mpo-online sft --config FILE` and by the recipe's setup (jobs/online_mpo.py); the result is policy v0.
 """
@@ -95,14 +96,18 @@ def warm_start_data(rows: list[dict], *, examples: int | None, text_drills: int,
             + sft_examples(rows[n:n + text_drills], seed=seed + 1, text_only=True, **kw))
 
 
-def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool = True) -> dict:
-    """Build/find model and data, SFT into `<run_dir>/policies/v0000`, and (optionally) evaluate it with vLLM."""
+def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool = True, session=None) -> dict:
+    """Build/find model and data, SFT into `<run_dir>/policies/v0000`, and (optionally) evaluate it with vLLM.
+
+    session: the run's TrainerSession (the recipe's, which the rounds then reuse); None: one is started for the
+    warm start and closed after it."""
     import ray
 
+    from mpo_online.console import TRAIN_PROGRESS_FILE
     from mpo_online.data import load_prompts
     from mpo_online.records import pairs_to_table, write_parquet_atomic
     from mpo_online.run_state import RunDir
-    from mpo_online.trainer import train_policy
+    from mpo_online.trainer.session import TrainerSession
 
     run = RunDir.open(cfg.loop.run_dir, cfg, force=force)
     base = ensure_model(cfg.model.path, init_if_missing=cfg.model.init_if_missing, text_only=cfg.model.text_only,
@@ -127,16 +132,25 @@ def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool =
             write_parquet_atomic(pairs_to_table(examples), sft_path)
             if not ray.is_initialized():
                 ray.init(num_cpus=cfg.resources.num_cpus, num_gpus=cfg.resources.num_gpus, include_dashboard=False)
-            t = cfg.trainer
-            trained = train_policy(
-                str(sft_path), policy_dir=str(base), out_dir=str(out), objective="sft", weights=(0.0, 0.0, 1.0),
-                lr=ws.lr, weight_decay=0.0, warmup_ratio=t.warmup_ratio, epochs=ws.epochs,
-                micro_batch_size=ws.micro_batch_size, global_batch_size=ws.global_batch_size,
-                zero_stage=t.zero_stage, precision=t.precision, max_grad_norm=t.max_grad_norm,
-                max_nonfinite_steps=t.max_nonfinite_steps, logps_chunk_size=t.logps_chunk_size,
-                max_length=t.max_length, seed=t.seed, num_workers=cfg.resources.train_workers,
-                worker_cpus=cfg.resources.train_worker_cpus, worker_gpus=cfg.resources.train_worker_gpus,
-                storage_dir=str((run.root / "warm_start_train").resolve()), run_name="warm_start")
+            t, res = cfg.trainer, cfg.resources
+            own = session is None
+            if own:
+                session = TrainerSession.start(num_workers=res.train_workers, worker_cpus=res.train_worker_cpus,
+                                               worker_gpus=res.train_worker_gpus,
+                                               storage_dir=str(run.root / "warm_start_train"))
+            try:
+                trained = session.train(
+                    str(sft_path), policy_dir=str(base), out_dir=str(out), objective="sft", weights=(0.0, 0.0, 1.0),
+                    run_name="warm_start", group_by=t.group_by,
+                    progress_file=str(run.root / "warm_start_train" / "warm_start" / TRAIN_PROGRESS_FILE),
+                    lr=ws.lr, weight_decay=0.0, warmup_ratio=t.warmup_ratio, epochs=ws.epochs,
+                    micro_batch_size=ws.micro_batch_size, global_batch_size=ws.global_batch_size,
+                    zero_stage=t.zero_stage, precision=t.precision, max_grad_norm=t.max_grad_norm,
+                    max_nonfinite_steps=t.max_nonfinite_steps, logps_chunk_size=t.logps_chunk_size,
+                    max_length=t.max_length, seed=t.seed)
+            finally:
+                if own:
+                    session.close()
             result["train"] = trained.metrics
             (run.root / "warm_start.json").write_text(json.dumps(result, indent=1, default=str))
     if evaluate_offline:

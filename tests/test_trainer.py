@@ -166,6 +166,44 @@ def test_sequence_logps_equals_full_logits(models, rows):
         torch.testing.assert_close(g_fused, model.get_output_embeddings().weight.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_preference_spans_cover_the_first_differing_line():
+    """Token 9 = newline. chosen  1 2 9 | 3 4 5 9 | 6 9 ; rejected 1 2 9 | 3 7 5 9 | 8 9: they first differ at
+    position 4 (4 vs 7), inside the line that starts after the newline at 2, so both spans are [3, 7) (through that
+    line's newline). A rejected response that stops early (1 2 9 3) differs at 4 = its end: spans [3, 7) and [3, 4).
+    Identical prefixes up to a newline-free end: the whole responses."""
+    from mpo_online.trainer.batching import preference_spans
+    nl = {9}
+    assert preference_spans([1, 2, 9, 3, 4, 5, 9, 6, 9], [1, 2, 9, 3, 7, 5, 9, 8, 9], nl) == ((3, 7), (3, 7))
+    assert preference_spans([1, 2, 9, 3, 4, 5, 9, 6, 9], [1, 2, 9, 3], nl) == ((3, 7), (3, 4))
+    assert preference_spans([1, 2, 3], [1, 4], nl) == ((0, 3), (0, 2))
+
+
+def test_score_mask_limits_the_rewards_to_the_span_not_the_nll(models, rows):
+    """pref_span="first_diff_line": sequence_logps sums the per-token log-probs over score_mask (the differing line
+    of each pair) while the NLL (the SFT term) still averages over the whole response."""
+    import torch
+
+    from mpo_online.trainer.batching import IGNORE_INDEX, PairCollator
+    from mpo_online.trainer.logps import load_model, sequence_logps, token_logps
+    col = PairCollator.from_pretrained(models["vlm"], max_length=512, pref_span="first_diff_line")
+    tok = col.tokenizer
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]   # noqa: E731 (character-level)
+    chosen, rejected = ids("r: 1.2 = 2\nFinal answer: 2"), ids("r: 1.. = 1\nFinal answer: 1")
+    row = {**rows[0], "chosen_token_ids": chosen, "rejected_token_ids": rejected}
+    b = col([row])
+    assert b.spans == [(0, 11), (0, 11)]   # the first line, through its newline
+    t = b.tensors
+    n_prompt = int((t["labels"][0] == IGNORE_INDEX).sum() - (t["attention_mask"][0] == 0).sum())
+    assert t["score_mask"][0].nonzero().flatten().tolist() == list(range(n_prompt, n_prompt + 11))
+    model = load_model(models["vlm"])
+    with torch.no_grad():
+        per_token = token_logps(model, {k: v for k, v in t.items() if k != "score_mask"})   # (2, T)
+        sum_lp, nll, n = sequence_logps(model, t)
+    torch.testing.assert_close(sum_lp, (per_token * t["score_mask"]).sum(1))
+    torch.testing.assert_close(nll, -per_token.sum(1) / n)
+    assert n.tolist() == [len(chosen), len(rejected)]
+
+
 def test_training_reads_the_sampled_token_ids():
     """Dropping the token columns before training would make the collator re-tokenize the text (and append an
     end-of-turn token to responses the engine cut off): the trainer would score sequences the engine never sampled."""

@@ -25,6 +25,9 @@ and the images); with `pairs=False` (SFT / RFT) only the B chosen sequences. Eac
   dropped; if the template emits no end-of-turn token, the eos is appended.
 - Targets (`labels` != -100) are the response tokens; prompt, image and padding positions are -100.
 - `max_length` bounds prompt + response; only the response is cut (at least one response token is kept).
+- `pref_span="first_diff_line"` (pairs only) adds `score_mask` (S, T): the tokens a pair's preference rewards sum
+  over, the line where chosen and rejected first differ (`preference_spans`), instead of the whole response.
+  `sequence_logps` sums over it; the SFT term's NLL still covers the whole chosen response.
 
 Works with a multimodal processor (Idefics3/SmolVLM: pixel_values (S, n_images, 3, H, W); Qwen2.5-VL: flattened
 patches + image_grid_thw) because the processor sees all S prompts in one call and its image outputs are passed to
@@ -50,6 +53,7 @@ class PairBatch:
     n_pairs: int  # B; S = 2B when has_rejected else B
     has_rejected: bool
     keys: list = field(default_factory=list)  # (B,) stable pair keys (pair_id or a content hash)
+    spans: list | None = None  # (S,) response-token [start, end) the rewards cover (pref_span); None: all
 
     @property
     def num_tokens(self) -> int:
@@ -65,7 +69,7 @@ class PairBatch:
                 if float_dtype is not None and v.is_floating_point():
                     v = v.to(float_dtype)
             out[k] = v
-        return PairBatch(out, self.n_pairs, self.has_rejected, list(self.keys))
+        return PairBatch(out, self.n_pairs, self.has_rejected, list(self.keys), self.spans)
 
 
 def load_processor(model_dir):
@@ -137,11 +141,33 @@ def _clean(messages) -> list:
     return out
 
 
+PREF_SPANS = ("sequence", "first_diff_line")
+
+
+def preference_spans(chosen: list[int], rejected: list[int], newline_ids) -> tuple[tuple, tuple]:
+    """The line where two responses first differ, as [start, end) in each response's tokens.
+
+    start: just after the last newline token before the first differing position (the shared prefix up to there is
+    the same in both, with the same context, so its log-probs would cancel in the DPO margin anyway); end: through
+    the first newline at or after that position in each response (or its end). In a scan-and-tally chain this is
+    the first line whose reading differs: a preference over it does not also push down the later lines of the
+    rejected chain (the correct copying and arithmetic that follow from its misreading)."""
+    n = min(len(chosen), len(rejected))
+    d = next((i for i in range(n) if chosen[i] != rejected[i]), n)
+    start = max((i + 1 for i in range(d) if chosen[i] in newline_ids), default=0)
+
+    def end(ids):
+        return next((i + 1 for i in range(d, len(ids)) if ids[i] in newline_ids), len(ids))
+    return (start, end(chosen)), (start, end(rejected))
+
+
 class PairCollator:
     """rows -> PairBatch. See the module docstring for the layout."""
 
     def __init__(self, processor, *, max_length: int = 512, pairs: bool = True, eos_token_ids=None,
-                 placeholder_ids=()):
+                 placeholder_ids=(), pref_span: str = "sequence"):
+        if pref_span not in PREF_SPANS:
+            raise ValueError(f"pref_span must be one of {PREF_SPANS}, got {pref_span!r}")
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.multimodal = hasattr(processor, "image_processor")
@@ -157,6 +183,12 @@ class PairCollator:
         self.append_eos_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else min(eos)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.append_eos_id
+        self.pref_span = pref_span if pairs else "sequence"
+        self.newline_ids: set[int] = set()
+        if self.pref_span != "sequence":  # every token whose text holds a line break
+            vocab = len(self.tokenizer)
+            texts = self.tokenizer.batch_decode([[i] for i in range(vocab)])
+            self.newline_ids = {i for i, t in enumerate(texts) if "\n" in t}
 
     @classmethod
     def from_pretrained(cls, model_dir, **kwargs) -> "PairCollator":
@@ -275,4 +307,14 @@ class PairCollator:
                 full[s, : len(v)] = v
             extra[k] = full
         tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
-        return PairBatch(tensors, n_pairs=B, has_rejected=self.pairs, keys=[row_key(r) for r in rows])
+        spans = None
+        if self.pref_span == "first_diff_line":
+            spans = [None] * S
+            for j in range(B):
+                spans[j], spans[B + j] = preference_spans(resp_ids[j], resp_ids[B + j], self.newline_ids)
+            score_mask = torch.zeros((S, T), dtype=torch.bool)              # (S, T)
+            for s, (a, b) in enumerate(spans):
+                kept = len(seqs[s]) - n_prompt[s]   # response tokens left after the max_length cut
+                score_mask[s, n_prompt[s] + min(a, kept): n_prompt[s] + min(b, kept)] = True
+            tensors["score_mask"] = score_mask
+        return PairBatch(tensors, n_pairs=B, has_rejected=self.pairs, keys=[row_key(r) for r in rows], spans=spans)

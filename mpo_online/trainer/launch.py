@@ -85,7 +85,7 @@ def train_columns(columns, *, pairs: bool) -> list[str]:
 
 HYPER_KEYS = ("delta_mode", "delta_ema_decay", "lr", "weight_decay", "warmup_ratio", "epochs", "micro_batch_size",
               "global_batch_size", "zero_stage", "precision", "max_grad_norm", "max_nonfinite_steps",
-              "logps_chunk_size", "max_length", "seed")  # the optimisation settings of a call (train_policy's names)
+              "logps_chunk_size", "max_length", "pref_span", "seed")  # a call's optimisation settings (train_policy's)
 
 
 def hyper_settings(**given) -> dict:
@@ -208,7 +208,8 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
                  warmup_ratio: float = 0.05, epochs: int = 1, micro_batch_size: int = 8,
                  global_batch_size: int | None = None, zero_stage: int = 0, precision: str = "fp32",
                  max_grad_norm: float = 1.0, max_nonfinite_steps: int = 3, logps_chunk_size: int = 1024,
-                 max_length: int = 512, seed: int = 0, num_workers: int = 2, worker_cpus: float = 1.0,
+                 max_length: int = 512, pref_span: str = "sequence", seed: int = 0, num_workers: int = 2,
+                 worker_cpus: float = 1.0,
                  worker_gpus: float = 0.0, storage_dir=None, run_name: str | None = None,
                  checkpoint_every: int = 0, keep_checkpoints: int = 2, max_failures: int = 0,
                  shuffle: bool = True, cleanup: bool = True, _nan_on_micro_batches=(),
@@ -221,6 +222,7 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
     delta_state: the reward baseline carried from the previous call (None: start at 0); delta_mode cumulative
         (reference code: running mean of world-mean batch rewards) or ema (decay delta_ema_decay).
     global_batch_size: micro_batch_size * num_workers * gradient accumulation; None = micro_batch_size * num_workers.
+    pref_span: what a pair's rewards sum over: "sequence" (the paper's) or "first_diff_line" (batching.py).
     checkpoint_every: optimizer steps between resumable Ray Train checkpoints (0: only the final one).
     max_failures: Ray Train restarts from the last checkpoint within this call. cleanup: delete the run's Ray Train
         storage after publishing. `_nan_on_micro_batches`, `_fail_after_step`: test hooks.
@@ -255,7 +257,7 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
                    warmup_ratio=warmup_ratio, epochs=epochs, micro_batch_size=micro_batch_size,
                    global_batch_size=global_batch_size, zero_stage=zero_stage, precision=precision,
                    max_grad_norm=max_grad_norm, max_nonfinite_steps=max_nonfinite_steps,
-                   logps_chunk_size=logps_chunk_size, max_length=max_length, seed=seed),
+                   logps_chunk_size=logps_chunk_size, max_length=max_length, pref_span=pref_span, seed=seed),
         checkpoint_every=checkpoint_every, nan_on_micro_batches=tuple(_nan_on_micro_batches),
         fail_after_step=_fail_after_step)
     prep_seconds = time.time() - t0

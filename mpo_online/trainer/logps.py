@@ -77,13 +77,16 @@ def sequence_logps(model, batch: dict, chunk_size: int = 1024):
     """Summed response log-prob, token-mean NLL and number of target tokens per sequence (from `token_logps`).
 
     Returns:
-        sum_logps (S,) fp32: sum over targets of log p(token); mean_nll (S,) = -sum_logps / n_tokens (0 when a
-        sequence has no targets); n_tokens (S,) int64.
+        sum_logps (S,) fp32: sum over targets of log p(token) (over the batch's `score_mask` only, when it has one:
+        the preference span, see batching.preference_spans); mean_nll (S,) = -(sum over all targets) / n_tokens
+        (0 when a sequence has no targets); n_tokens (S,) int64.
     """
-    logps = token_logps(model, batch, chunk_size)                        # (S, T), 0 off-target
-    sum_logps = logps.sum(dim=1)                                         # (S,)
+    score_mask = batch.get("score_mask")                                 # (S, T) bool or None
+    logps = token_logps(model, {k: v for k, v in batch.items() if k != "score_mask"}, chunk_size)  # (S, T)
+    full = logps.sum(dim=1)                                              # (S,)
     n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)       # (S,)
-    mean_nll = -sum_logps / n_tokens.clamp(min=1).to(sum_logps.dtype)    # (S,)
+    mean_nll = -full / n_tokens.clamp(min=1).to(full.dtype)              # (S,)
+    sum_logps = full if score_mask is None else (logps * score_mask).sum(dim=1)   # (S,)
     return sum_logps, mean_nll, n_tokens
 
 

@@ -12,12 +12,12 @@ after round, so no round pays for Ray Train start-up, worker imports and teardow
 
 How. `start` launches `TorchTrainer(session_fn)` once, in a driver thread (fit() blocks until the run ends). The
 workers (torch.distributed / gloo set up by Ray Train, torch + DeepSpeed imported once) wait on a `JobBoard` actor.
-`train` reads the round's pairs, shuffles them with the seed, splits them into one equal shard per worker (Ray's
-equal split: n // workers rows each, the remainder dropped), posts the job, and waits for every worker's answer. Each
-worker runs the same `worker.train_worker` as a per-call Ray Train run (fresh DeepSpeed engine and AdamW state from
-the job's policy; delta carried by the caller), with its shard as a list of rows; rank 0 writes the Hugging Face
-export straight into a temp dir beside `out_dir`, which the driver completes and renames (one safetensors write,
-read by every engine replica at the swap).
+`train` reads the round's pairs, shuffles them with the seed into one equal shard per worker (Ray's equal split:
+n // workers rows each, the remainder dropped; micro-batch ticks grouped by length: trainer/ordering.py), posts the
+job, and waits for every worker's answer. Each worker runs the same `worker.train_worker` as a per-call Ray Train
+run (fresh DeepSpeed engine and AdamW state from the job's policy; delta carried by the caller), with its shard as a
+list of rows; rank 0 writes the Hugging Face export straight into a temp dir beside `out_dir`, which the driver
+completes and renames (one safetensors write, read by every engine replica at the swap).
 
 Failure: a worker that raises ends the Ray Train run (no restarts: the round is redone from its inputs, which gives
 the same result: data order and seeds are fixed); `train` raises RuntimeError with the worker's error, and the
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import random
 import shutil
 import threading
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 from mpo_online.trainer.launch import (TrainResult, _cached, call_record, check_objective, hyper_settings,
                                        publish_in_place, train_columns, worker_config, worker_runtime_env,
                                        worker_scaling)
+from mpo_online.trainer.ordering import length_grouped_shards
 
 POLL_SECONDS = 0.05
 
@@ -134,13 +134,15 @@ class TrainerSession:
 
     def train(self, dataset, *, policy_dir, out_dir, ref_dir=None, objective: str = "mpo", weights=None,
               beta: float = 0.1, delta_state: dict | None = None, run_name: str | None = None, progress_file=None,
-              engine_reference: bool = False, shuffle: bool = True, _nan_on_micro_batches=(),
-              **hyper) -> TrainResult:
+              engine_reference: bool = False, shuffle: bool = True, group_by: str = "length",
+              _nan_on_micro_batches=(), **hyper) -> TrainResult:
         """One training call on the live workers; arguments and result as mpo_online.trainer.train_policy's.
 
         dataset: a parquet file in the pair schema. engine_reference: the reference is the policy that sampled the
         pairs (`mpo.reference: previous`), so reference log-probs come from the engine's sampling log-probs where
-        the rows carry them (worker.engine_ref_logps), from the trainer's pass for the others.
+        the rows carry them (worker.engine_ref_logps), from the trainer's pass for the others. shuffle: a seeded
+        shuffle, with the rows of a micro-batch tick grouped by `group_by` (length | images | none;
+        mpo_online.trainer.ordering); False: the file's order, one contiguous shard per worker.
         hyper: lr, weight_decay, warmup_ratio, epochs, micro_batch_size, global_batch_size, zero_stage, precision,
         max_grad_norm, max_nonfinite_steps, logps_chunk_size, max_length, delta_mode, delta_ema_decay, seed."""
         import pyarrow.parquet as pq
@@ -158,14 +160,15 @@ class TrainerSession:
             return cached
         out_dir.parent.mkdir(parents=True, exist_ok=True)
 
-        # the data: columns training reads, a seeded shuffle, one equal contiguous shard per worker
+        # the data: columns training reads, a seeded shuffle into one equal shard per worker
         t0 = time.time()
         table = pq.read_table(str(dataset))
         rows = table.select(train_columns(table.column_names, pairs=pairs)).to_pylist()
-        if shuffle:
-            random.Random(hyper["seed"]).shuffle(rows)
         per = len(rows) // self.num_workers
-        shards = [ray.put(rows[i * per:(i + 1) * per]) for i in range(self.num_workers)]
+        parts = length_grouped_shards(rows, world=self.num_workers, micro_batch_size=hyper["micro_batch_size"],
+                                      seed=hyper["seed"], group_by=group_by) if shuffle else \
+            [rows[i * per:(i + 1) * per] for i in range(self.num_workers)]
+        shards = [ray.put(part) for part in parts]
         config, plan = worker_config(
             len(rows), policy_dir=policy_dir, ref_dir=ref_dir, objective=objective, weights=w, beta=beta,
             delta_state=delta_state, num_workers=self.num_workers, worker_cpus=self.worker_cpus,

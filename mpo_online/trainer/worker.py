@@ -84,13 +84,15 @@ def engine_ref_logps(rows: list, collate, *, batch_size: int) -> tuple[dict, lis
 
     table, rest = {}, []
     for chunk in _iter_rows(rows, batch_size):
-        scored = (collate(chunk).tensors["labels"] != IGNORE_INDEX).sum(1).tolist()   # (2B,) response tokens
+        batch = collate(chunk)
+        scored = (batch.tensors["labels"] != IGNORE_INDEX).sum(1).tolist()   # (2B,) response tokens
         B = len(chunk)
         for j, row in enumerate(chunk):
-            sides = [(row.get(f"{s}_token_ids"), row.get(f"{s}_logprobs"), scored[j + B * i])
+            sides = [(row.get(f"{s}_token_ids"), row.get(f"{s}_logprobs"), scored[j + B * i],
+                      batch.spans[j + B * i] if batch.spans else (0, None))     # the tokens the rewards sum over
                      for i, s in enumerate(("chosen", "rejected"))]
-            if all(ids and lps and len(ids) == len(lps) == n for ids, lps, n in sides):
-                table[row_key(row)] = tuple(math.fsum(lps) for _, lps, _ in sides)
+            if all(ids and lps and len(ids) == len(lps) == n for ids, lps, n, _ in sides):
+                table[row_key(row)] = tuple(math.fsum(lps[a:b]) for _, lps, _, (a, b) in sides)
             else:
                 rest.append(row)
     return table, rest
@@ -189,12 +191,14 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
                  weight_decay, warmup_ratio, micro_batch_size, grad_accum, epochs, total_steps,
                  zero_stage, precision, max_grad_norm, max_nonfinite_steps, logps_chunk_size, max_length, seed,
                  checkpoint_every, torch_threads=1, nan_on_micro_batches=(), fail_after_step=None,
-                 progress_file=None, rows=None, export_dir=None, engine_reference=False) -> dict | None:
+                 progress_file=None, rows=None, export_dir=None, engine_reference=False,
+                 pref_span="sequence") -> dict | None:
     """One training call on this worker. Ray Train mode (rows=None): data from the "train" dataset shard,
     checkpoints and the final result go through ray.train.report. Session mode (mpo_online.trainer.session): `rows`
     is this worker's shard, no Ray Train checkpoints are written, rank 0 writes the Hugging Face export straight into
     `export_dir`, and the result ({"metrics", "delta", "history"}) is returned. `engine_reference`: take reference
-    log-probs from the rows' engine log-probs where valid (engine_ref_logps), the trainer's pass for the rest."""
+    log-probs from the rows' engine log-probs where valid (engine_ref_logps), the trainer's pass for the rest.
+    `pref_span`: what a pair's rewards sum over (batching.PREF_SPANS), for policy and reference alike."""
     t_start = time.time()
     import deepspeed
     import ray.train
@@ -240,7 +244,7 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
     if init_delta:
         baseline.load_state_dict({**init_delta, "mode": delta_mode, "decay": delta_ema_decay})
     shard = ray.train.get_dataset_shard("train") if rows is None else rows
-    collate = PairCollator.from_pretrained(policy_dir, max_length=max_length, pairs=pairs)
+    collate = PairCollator.from_pretrained(policy_dir, max_length=max_length, pairs=pairs, pref_span=pref_span)
 
     # 2. reference log-probs, once per call, before the policy engine exists
     t0 = time.time()
