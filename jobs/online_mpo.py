@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 
 from mpo_online.config import load_config
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     from mpo_online.rollout_pipeline import run_round
     from mpo_online.trainer.session import TrainerSession
     from mpo_online.warm_start import warm_start_from_config
-    from serving.app import serving_kwargs, start_policy_server, stop_policy_server
+    from serving.app import serving_kwargs, start_policy_server, start_serve, stop_policy_server
 
     console.phase(0, "ray")
     connect_ray(cfg.resources)
@@ -78,6 +79,9 @@ def main(argv=None) -> int:
     pending = [r for r in range(1, cfg.loop.rounds + 1) if not phase_at_least(run.manifest(r), "trained")]
     session = TrainerSession.start(storage_dir=str(run.root / "trainer_session"), **session_kwargs(cfg)) \
         if pending or not run.has_policy(0) else None
+    # Serve's controller and HTTP proxy start meanwhile (the app itself waits for policy v0)
+    serve_boot = threading.Thread(target=start_serve, kwargs={"port": cfg.serving.port}, daemon=True)
+    serve_boot.start()
     console.phase(0, "warm start", watch=train_progress_watcher(run.root / "warm_start_train"))
     warm = warm_start_from_config(cfg, force=True, evaluate_offline=False, session=session)  # run dir checked above
     console.done(warm.get("train") or "policy v0 from an earlier session")
@@ -87,6 +91,7 @@ def main(argv=None) -> int:
     task_meta = synthetic_meta(train_rows)
     heldout = load_prompts(f"{warm['data']}/heldout.parquet", quarantine_path=run.root / "heldout_rejects.jsonl")[0]
     console.phase(0, "serve", note=f"starting {cfg.serving.replicas} replica(s)")
+    serve_boot.join()
     client = start_policy_server(str(run.policy_dir(0)), dtype=cfg.model.dtype,
                                  **serving_kwargs(cfg.serving, cfg.resources))
     swapped = [r for r in range(1, cfg.loop.rounds + 1) if phase_at_least(run.manifest(r), "swapped")]

@@ -131,6 +131,14 @@ def build_policy_app(model_path: str | Path, *, model_id: str = "policy", replic
         server_deployment=server_deployment_name(model_id), limits=limits, admin_token=admin_token)
 
 
+def start_serve(*, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Start Serve's controller and HTTP proxy on host:port (a no-op when Serve runs). The first thing
+    `start_policy_server` does; the recipe does it while the policy to serve is still training (~8 s here)."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+
+
 def start_policy_server(model_path: str | Path, *, app_name: str = DEFAULT_APP, route_prefix: str = "/",
                         host: str = "127.0.0.1", port: int = 8000, model_id: str = "policy",
                         **app_options) -> PolicyClient:
@@ -146,7 +154,7 @@ def start_policy_server(model_path: str | Path, *, app_name: str = DEFAULT_APP, 
 
     if not ray.is_initialized():
         ray.init()
-    serve.start(http_options={"host": host, "port": port})
+    start_serve(host=host, port=port)
     name = registry_name_for(app_name)
     if app_name not in serve.status().applications:
         _kill_registry(name)  # left over from an earlier run of a detached app: its versions do not apply
