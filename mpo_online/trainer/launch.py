@@ -209,8 +209,7 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
                  global_batch_size: int | None = None, zero_stage: int = 0, precision: str = "fp32",
                  max_grad_norm: float = 1.0, max_nonfinite_steps: int = 3, logps_chunk_size: int = 1024,
                  max_length: int = 512, pref_span: str = "sequence", seed: int = 0, num_workers: int = 2,
-                 worker_cpus: float = 1.0,
-                 worker_gpus: float = 0.0, storage_dir=None, run_name: str | None = None,
+                 worker_cpus: float = 1.0, worker_gpus: float = 0.0, storage_dir=None, run_name: str | None = None,
                  checkpoint_every: int = 0, keep_checkpoints: int = 2, max_failures: int = 0,
                  shuffle: bool = True, cleanup: bool = True, _nan_on_micro_batches=(),
                  _fail_after_step: int | None = None) -> TrainResult:
