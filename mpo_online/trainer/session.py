@@ -164,10 +164,12 @@ class TrainerSession:
         t0 = time.time()
         table = pq.read_table(str(dataset))
         rows = table.select(train_columns(table.column_names, pairs=pairs)).to_pylist()
-        per = len(rows) // self.num_workers
-        parts = length_grouped_shards(rows, world=self.num_workers, micro_batch_size=hyper["micro_batch_size"],
-                                      seed=hyper["seed"], group_by=group_by) if shuffle else \
-            [rows[i * per:(i + 1) * per] for i in range(self.num_workers)]
+        if shuffle:
+            parts = length_grouped_shards(rows, world=self.num_workers, micro_batch_size=hyper["micro_batch_size"],
+                                          seed=hyper["seed"], group_by=group_by)
+        else:
+            per = len(rows) // self.num_workers
+            parts = [rows[i * per:(i + 1) * per] for i in range(self.num_workers)]
         shards = [ray.put(part) for part in parts]
         config, plan = worker_config(
             len(rows), policy_dir=policy_dir, ref_dir=ref_dir, objective=objective, weights=w, beta=beta,
