@@ -23,11 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def greedy_accuracy(model, processor, rows: list[dict], max_new_tokens: int = 64) -> dict:
+def greedy_accuracy(model, processor, rows: list[dict], max_new_tokens: int = 128) -> dict:
     """Held-out greedy CoT accuracy with Hugging Face generate (batches of 64), overall and per task level."""
     import torch
     from PIL import Image
 
+    from mpo_online.records import user_message
     from mpo_online.verify import answers_match, extract_final_answer
 
     model.eval()
@@ -36,9 +37,9 @@ def greedy_accuracy(model, processor, rows: list[dict], max_new_tokens: int = 64
     hits: dict = {}
     for i in range(0, len(rows), 64):
         chunk = rows[i:i + 64]
-        texts = [processor.apply_chat_template([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": r["question"]}]}], add_generation_prompt=True, tokenize=False)
-            for r in chunk]
+        # the trainer's own prompt layout (image where the question's placeholder puts it)
+        texts = [processor.apply_chat_template(user_message(r["question"], len(r["images"])),
+                                               add_generation_prompt=True, tokenize=False) for r in chunk]
         images = [[Image.open(io.BytesIO(r["images"][0])).convert("RGB")] for r in chunk]
         enc = processor(text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
@@ -67,11 +68,17 @@ def main() -> None:
     p.add_argument("--init", default=None, help="start from this policy directory instead of a fresh tiny policy")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps (the schedule still spans "
                    "--epochs)")
+    p.add_argument("--tasks", default=None, help="use this task directory (e.g. artifacts/tasks) instead of "
+                   "generating one with --n-train/--n-heldout")
+    p.add_argument("--rft-from", default=None, help="train on a round's rollouts.parquet instead of gold chains: "
+                   "its correct samples passing --chosen-check (at most 4 distinct per prompt), i.e. RFT")
+    p.add_argument("--chosen-check", default="perceived", choices=("answer", "consistent", "perceived"))
     a = p.parse_args()
 
     import torch
 
     from mpo_online.data import load_prompts
+    from mpo_online.pairs import rft_examples
     from mpo_online.records import pairs_to_table
     from mpo_online.tasks import write_task_splits
     from mpo_online.tiny_model import build_model_dir
@@ -81,12 +88,20 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="sft_curve-"))
-    write_task_splits(work / "tasks", a.n_train, a.n_heldout, seed=0, levels=(1, 2))
+    tasks = Path(a.tasks) if a.tasks else work / "tasks"
+    if not a.tasks:
+        write_task_splits(tasks, a.n_train, a.n_heldout, seed=0, levels=(1, 2))
     model_dir = a.init or str(build_model_dir(work / "model", scale_factor=a.scale_factor))
-    train = load_prompts(work / "tasks/train.parquet")[0]
-    heldout = [r for r in load_prompts(work / "tasks/heldout.parquet")[0] if r["answer"] is not None]
-    rows = pairs_to_table(sft_examples(train, cot_instruction="", direct_instruction=" Answer directly.",
-                                       direct_fraction=0.25, seed=0)).to_pylist()
+    train = load_prompts(tasks / "train.parquet")[0]
+    heldout = [r for r in load_prompts(tasks / "heldout.parquet")[0] if r["answer"] is not None]
+    if a.rft_from:
+        import pyarrow.parquet as pq
+        examples = rft_examples(pq.read_table(a.rft_from).to_pylist(), {r["id"]: r for r in train},
+                                max_per_prompt=4, chosen_check=a.chosen_check)
+    else:
+        examples = sft_examples(train, cot_instruction="", direct_instruction=" Answer directly.",
+                                direct_fraction=0.25, seed=0)
+    rows = pairs_to_table(examples).to_pylist()
     collate = PairCollator.from_pretrained(model_dir, pairs=False, max_length=512)
     model = load_model(model_dir)
     model.train()
@@ -95,7 +110,7 @@ def main() -> None:
     total, step, t0 = a.epochs * per_epoch, 0, time.time()
     stop = min(total, a.steps or total)
     print(json.dumps({"init": a.init, "scale_factor": a.scale_factor, "n_train": a.n_train, "lr": a.lr,
-                      "steps": stop}), flush=True)
+                      "examples": len(rows), "rft_from": a.rft_from, "steps": stop}), flush=True)
     if a.init:
         print(json.dumps({"step": 0, "heldout_greedy_acc": greedy_accuracy(model, collate.processor, heldout)}))
     for epoch in range(a.epochs):
