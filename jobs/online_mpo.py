@@ -215,10 +215,11 @@ EVAL_CHUNKS = 8  # held-out requests go out in this many concurrent calls, so th
 
 def rollout_kwargs(cfg) -> dict:
     ro, pa = cfg.rollout, cfg.pairs
+    # RFT trains on the samples alone: Dropout-NTP continuations (~40% of a round's generation) would go unused
     return dict(samples_per_prompt=ro.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
                 max_tokens=ro.max_tokens, prompts_per_round=ro.prompts_per_round, concurrency=ro.concurrency,
                 max_pairs_per_prompt=pa.max_pairs_per_prompt, ntp_prefix_ratio=pa.ntp_prefix_ratio,
-                dropout_ntp=pa.dropout_ntp, chosen_check=pa.chosen_check, cot_instruction=cfg.data.cot_instruction,
+                dropout_ntp=pa.dropout_ntp and cfg.mpo.objective != "rft", chosen_check=pa.chosen_check, cot_instruction=cfg.data.cot_instruction,
                 data_cpus=cfg.resources.data_cpus)
 
 

@@ -99,3 +99,16 @@ def test_chosen_check_modes_match_the_checker():
     assert load_config(None, ["pairs.chosen_check=perceived"]).pairs.chosen_check == "perceived"
     with pytest.raises(ConfigError, match="pairs.chosen_check"):
         load_config(None, ["pairs.chosen_check=luck"])
+
+
+def test_rft_rounds_skip_dropout_ntp_continuations():
+    """The recipe's rollout kwargs: Dropout-NTP continuations are generated for the pair objectives only (RFT trains
+    on the samples, so generating continuations for it would be wasted engine time)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("online_mpo_recipe", CONFIGS[0].parent.parent / "online_mpo.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    assert recipe.rollout_kwargs(load_config(None, ["mpo.objective=mpo"]))["dropout_ntp"] is True
+    assert recipe.rollout_kwargs(load_config(None, ["mpo.objective=rft"]))["dropout_ntp"] is False
+    assert recipe.rollout_kwargs(load_config(None, ["mpo.objective=dpo", "pairs.dropout_ntp=false"]))["dropout_ntp"] \
+        is False
