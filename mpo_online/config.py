@@ -80,9 +80,10 @@ class MPOConfig(_Section):
     # reference "previous" is the policy that sampled the round's pairs: take its log-probs from the engine's sampling
     # log-probs (no reference pass over those pairs; tests/test_parity.py checks they equal the trainer's)
     engine_reference: bool = True
-    # what a pair's rewards sum over: the whole response (the paper) or the line where chosen and rejected first
-    # differ (mpo_online/trainer/batching.py preference_spans: a misread cell, not the chain that follows from it)
-    pref_span: Literal["sequence", "first_diff_line"] = "sequence"
+    # what a pair's rewards sum over: the whole response (the paper), the line where chosen and rejected first
+    # differ, or only their first differing token (mpo_online/trainer/batching.py: a misread cell, not the chain
+    # that follows from it)
+    pref_span: Literal["sequence", "first_diff_line", "first_diff_token"] = "sequence"
 
     def weights(self) -> tuple[float, float, float]:
         """(w_pref, w_quality, w_gen) the objective implies; `mpo` uses the configured weights."""

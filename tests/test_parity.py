@@ -175,16 +175,17 @@ def test_engine_reference_equals_the_trainers_reference_pass(env):
             n = len(r["chosen_token_ids"]), len(r["rejected_token_ids"])
             for side in (0, 1):
                 assert abs(engine[k][side] - trainer[k][side]) <= TOLERANCE * n[side], (k, engine[k], trainer[k])
-    # the same with the rewards confined to the first differing line (mpo.pref_span): engine and trainer sum the
-    # same tokens
-    span_col = PairCollator.from_pretrained(env["model"], max_length=2048, pref_span="first_diff_line")
-    engine_span, _ = engine_ref_logps(rows, span_col, batch_size=8)
-    trainer_span, _ = compute_ref_logps(env["model"], rows, span_col, batch_size=8, chunk_size=1024, device="cpu",
-                                        dtype=torch.float32)
-    assert engine_span.keys() == engine.keys()
-    for k in engine_span:
-        assert all(abs(engine_span[k][i] - trainer_span[k][i]) <= TOLERANCE * 128 for i in (0, 1))
-    assert any(abs(engine_span[k][1] - engine[k][1]) > 1e-3 for k in engine)   # the spans are not the whole
+    # the same with the rewards confined to the first differing line or token (mpo.pref_span): engine and trainer
+    # sum the same tokens
+    for pref_span in ("first_diff_line", "first_diff_token"):
+        span_col = PairCollator.from_pretrained(env["model"], max_length=2048, pref_span=pref_span)
+        engine_span, _ = engine_ref_logps(rows, span_col, batch_size=8)
+        trainer_span, _ = compute_ref_logps(env["model"], rows, span_col, batch_size=8, chunk_size=1024,
+                                            device="cpu", dtype=torch.float32)
+        assert engine_span.keys() == engine.keys()
+        for k in engine_span:
+            assert all(abs(engine_span[k][i] - trainer_span[k][i]) <= TOLERANCE * 128 for i in (0, 1))
+        assert any(abs(engine_span[k][1] - engine[k][1]) > 1e-3 for k in engine)   # the spans are not the whole
     first = next(r for r in rows if row_key(r) in engine)
     short = PairCollator.from_pretrained(env["model"], max_length=col([first]).tensors["input_ids"].shape[1] - 8)
     engine_short, rest_short = engine_ref_logps(rows, short, batch_size=8)

@@ -178,6 +178,16 @@ def test_preference_spans_cover_the_first_differing_line():
     assert preference_spans([1, 2, 3], [1, 4], nl) == ((0, 3), (0, 2))
 
 
+def test_first_diff_token_spans_cover_one_token():
+    """chosen 1 2 9 3 4 5 ; rejected 1 2 9 3 7 5: first differ at position 4 (4 vs 7): spans [4, 5) on both sides.
+    A rejected response that stops at 1 2 9 3 differs at 4 = its end: chosen [4, 5), rejected empty [4, 4).
+    Identical responses: empty spans at their end."""
+    from mpo_online.trainer.batching import first_diff_token_spans
+    assert first_diff_token_spans([1, 2, 9, 3, 4, 5], [1, 2, 9, 3, 7, 5]) == ((4, 5), (4, 5))
+    assert first_diff_token_spans([1, 2, 9, 3, 4, 5], [1, 2, 9, 3]) == ((4, 5), (4, 4))
+    assert first_diff_token_spans([1, 2], [1, 2]) == ((2, 2), (2, 2))
+
+
 def test_score_mask_limits_the_rewards_to_the_span_not_the_nll(models, rows):
     """pref_span="first_diff_line": sequence_logps sums the per-token log-probs over score_mask (the differing line
     of each pair) while the NLL (the SFT term) still averages over the whole response."""
@@ -202,6 +212,10 @@ def test_score_mask_limits_the_rewards_to_the_span_not_the_nll(models, rows):
     torch.testing.assert_close(sum_lp, (per_token * t["score_mask"]).sum(1))
     torch.testing.assert_close(nll, -per_token.sum(1) / n)
     assert n.tolist() == [len(chosen), len(rejected)]
+    # "first_diff_token": only the cell read two ways ("2" vs "." at response position 5)
+    t1 = PairCollator.from_pretrained(models["vlm"], max_length=512, pref_span="first_diff_token")([row])
+    assert t1.spans == [(5, 6), (5, 6)]
+    assert t1.tensors["score_mask"].nonzero()[:, 1].tolist() == [n_prompt + 5, n_prompt + 5]
 
 
 def test_training_reads_the_sampled_token_ids():

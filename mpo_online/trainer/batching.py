@@ -26,7 +26,8 @@ and the images); with `pairs=False` (SFT / RFT) only the B chosen sequences. Eac
 - Targets (`labels` != -100) are the response tokens; prompt, image and padding positions are -100.
 - `max_length` bounds prompt + response; only the response is cut (at least one response token is kept).
 - `pref_span="first_diff_line"` (pairs only) adds `score_mask` (S, T): the tokens a pair's preference rewards sum
-  over, the line where chosen and rejected first differ (`preference_spans`), instead of the whole response.
+  over, the line where chosen and rejected first differ (`preference_spans`), instead of the whole response;
+  `"first_diff_token"`: only the first token where they differ (`first_diff_token_spans`).
   `sequence_logps` sums over it; the SFT term's NLL still covers the whole chosen response.
 
 Works with a multimodal processor (Idefics3/SmolVLM: pixel_values (S, n_images, 3, H, W); Qwen2.5-VL: flattened
@@ -141,7 +142,17 @@ def _clean(messages) -> list:
     return out
 
 
-PREF_SPANS = ("sequence", "first_diff_line")
+PREF_SPANS = ("sequence", "first_diff_line", "first_diff_token")
+
+
+def first_diff_token_spans(chosen: list[int], rejected: list[int]) -> tuple[tuple, tuple]:
+    """The first token where two responses differ, as [start, end) in each response's tokens (empty for a response
+    that ended before it). The shared prefix is the same context for both, so this single token is the whole
+    decision the pair disagrees on first: in a scan-and-tally chain, one cell read two ways. Nothing after it (the
+    rejected chain's copying and arithmetic that follow from its misreading) is pushed down."""
+    n = min(len(chosen), len(rejected))
+    d = next((i for i in range(n) if chosen[i] != rejected[i]), n)
+    return (d, min(d + 1, len(chosen))), (d, min(d + 1, len(rejected)))
 
 
 def preference_spans(chosen: list[int], rejected: list[int], newline_ids) -> tuple[tuple, tuple]:
@@ -185,7 +196,7 @@ class PairCollator:
         self.pad_id = pad if pad is not None else self.append_eos_id
         self.pref_span = pref_span if pairs else "sequence"
         self.newline_ids: set[int] = set()
-        if self.pref_span != "sequence":  # every token whose text holds a line break
+        if self.pref_span == "first_diff_line":  # every token whose text holds a line break
             vocab = len(self.tokenizer)
             texts = self.tokenizer.batch_decode([[i] for i in range(vocab)])
             self.newline_ids = {i for i, t in enumerate(texts) if "\n" in t}
@@ -308,10 +319,11 @@ class PairCollator:
             extra[k] = full
         tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
         spans = None
-        if self.pref_span == "first_diff_line":
+        if self.pref_span != "sequence":
             spans = [None] * S
             for j in range(B):
-                spans[j], spans[B + j] = preference_spans(resp_ids[j], resp_ids[B + j], self.newline_ids)
+                spans[j], spans[B + j] = preference_spans(resp_ids[j], resp_ids[B + j], self.newline_ids) \
+                    if self.pref_span == "first_diff_line" else first_diff_token_spans(resp_ids[j], resp_ids[B + j])
             score_mask = torch.zeros((S, T), dtype=torch.bool)              # (S, T)
             for s, (a, b) in enumerate(spans):
                 kept = len(seqs[s]) - n_prompt[s]   # response tokens left after the max_length cut

@@ -221,7 +221,8 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
     delta_state: the reward baseline carried from the previous call (None: start at 0); delta_mode cumulative
         (reference code: running mean of world-mean batch rewards) or ema (decay delta_ema_decay).
     global_batch_size: micro_batch_size * num_workers * gradient accumulation; None = micro_batch_size * num_workers.
-    pref_span: what a pair's rewards sum over: "sequence" (the paper's) or "first_diff_line" (batching.py).
+    pref_span: what a pair's rewards sum over: "sequence" (the paper's), "first_diff_line" or
+               "first_diff_token" (batching.py).
     checkpoint_every: optimizer steps between resumable Ray Train checkpoints (0: only the final one).
     max_failures: Ray Train restarts from the last checkpoint within this call. cleanup: delete the run's Ray Train
         storage after publishing. `_nan_on_micro_batches`, `_fail_after_step`: test hooks.
