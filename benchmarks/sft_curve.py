@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -73,6 +74,7 @@ def main() -> None:
     p.add_argument("--rft-from", default=None, help="train on a round's rollouts.parquet instead of gold chains: "
                    "its correct samples passing --chosen-check (at most 4 distinct per prompt), i.e. RFT")
     p.add_argument("--chosen-check", default="perceived", choices=("answer", "consistent", "perceived"))
+    p.add_argument("--save", default=None, help="save the final policy here (model + processor), e.g. as a warm start")
     a = p.parse_args()
 
     import torch
@@ -131,6 +133,12 @@ def main() -> None:
                 print(json.dumps({"step": step, "epoch": round(step / per_epoch, 2), "loss": round(loss.item(), 4),
                                   "heldout_greedy_acc": acc, "seconds": round(time.time() - t0)}), flush=True)
             if step == stop:
+                if a.save:  # the init policy's side files (processor, serving metadata), then the new weights
+                    if a.init:
+                        shutil.copytree(a.init, a.save, dirs_exist_ok=True)
+                    else:
+                        collate.processor.save_pretrained(a.save)
+                    model.save_pretrained(a.save)
                 return
 
 
