@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--chosen-check", default="perceived", choices=("answer", "consistent", "perceived"))
     p.add_argument("--save", default=None, help="save the final policy here (model + processor), e.g. as a warm start")
     a = p.parse_args()
+    if a.rft_from and not a.tasks:
+        p.error("--rft-from needs --tasks: the task directory the rollouts' prompt ids come from")
 
     import torch
 

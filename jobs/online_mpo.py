@@ -219,8 +219,8 @@ def rollout_kwargs(cfg) -> dict:
     return dict(samples_per_prompt=ro.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
                 max_tokens=ro.max_tokens, prompts_per_round=ro.prompts_per_round, concurrency=ro.concurrency,
                 max_pairs_per_prompt=pa.max_pairs_per_prompt, ntp_prefix_ratio=pa.ntp_prefix_ratio,
-                dropout_ntp=pa.dropout_ntp and cfg.mpo.objective != "rft", chosen_check=pa.chosen_check, cot_instruction=cfg.data.cot_instruction,
-                data_cpus=cfg.resources.data_cpus)
+                dropout_ntp=pa.dropout_ntp and cfg.mpo.objective != "rft", chosen_check=pa.chosen_check,
+                cot_instruction=cfg.data.cot_instruction, data_cpus=cfg.resources.data_cpus)
 
 
 def trainer_kwargs(cfg, seed: int) -> dict:
