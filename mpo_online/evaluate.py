@@ -70,7 +70,7 @@ def evaluate(generate: Generate, rows: list[dict], *, cot_instruction: str = "",
     open_rows = [r for r in rows if r.get("answer") is None]
     # Longest answers first (descriptions, then chains, then direct answers): the engine runs requests in arrival
     # order, so the last ones to finish are short and the batch stays full until the end instead of ending on a
-    # long tail of descriptions. `texts` below is in the order CoT, direct, open, open without the image.
+    # long tail of descriptions. `texts` below is put back in the order CoT, direct, open, open without the image.
     described = [greedy_request(r["question"], r["images"], max_tokens=max_tokens) for r in open_rows]
     described += [greedy_request(r["question"], r["images"], with_images=False, max_tokens=max_tokens)
                   for r in open_rows]
@@ -78,7 +78,8 @@ def evaluate(generate: Generate, rows: list[dict], *, cot_instruction: str = "",
     answers = [greedy_request(r["question"] + direct_instruction, r["images"], max_tokens=max_tokens) for r in qa]
     out = generate(described + chains + answers) if qa or open_rows else []
     n, m = len(qa), len(open_rows)
-    texts = out[2 * m:2 * m + n] + out[2 * m + n:] + out[:2 * m]
+    described_out, chains_out, answers_out = out[:2 * m], out[2 * m:2 * m + n], out[2 * m + n:]
+    texts = chains_out + answers_out + described_out
     golds = [r["answer"] for r in qa]
     cot = score_answers(golds, texts[:n])
     direct = score_answers(golds, texts[n:2 * n])

@@ -38,6 +38,7 @@ text so any text chat template works).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -145,13 +146,18 @@ def _clean(messages) -> list:
 PREF_SPANS = ("sequence", "first_diff_line", "first_diff_token")
 
 
+def first_difference(chosen: list[int], rejected: list[int]) -> int:
+    """The first position where two token lists differ (the shorter one's length if one is a prefix of the other)."""
+    n = min(len(chosen), len(rejected))
+    return next((i for i in range(n) if chosen[i] != rejected[i]), n)
+
+
 def first_diff_token_spans(chosen: list[int], rejected: list[int]) -> tuple[tuple, tuple]:
     """The first token where two responses differ, as [start, end) in each response's tokens (empty for a response
     that ended before it). The shared prefix is the same context for both, so this single token is the whole
     decision the pair disagrees on first: in a scan-and-tally chain, one cell read two ways. Nothing after it (the
     rejected chain's copying and arithmetic that follow from its misreading) is pushed down."""
-    n = min(len(chosen), len(rejected))
-    d = next((i for i in range(n) if chosen[i] != rejected[i]), n)
+    d = first_difference(chosen, rejected)
     return (d, min(d + 1, len(chosen))), (d, min(d + 1, len(rejected)))
 
 
@@ -163,8 +169,7 @@ def preference_spans(chosen: list[int], rejected: list[int], newline_ids) -> tup
     the first newline at or after that position in each response (or its end). In a scan-and-tally chain this is
     the first line whose reading differs: a preference over it does not also push down the later lines of the
     rejected chain (the correct copying and arithmetic that follow from its misreading)."""
-    n = min(len(chosen), len(rejected))
-    d = next((i for i in range(n) if chosen[i] != rejected[i]), n)
+    d = first_difference(chosen, rejected)
     start = max((i + 1 for i in range(d) if chosen[i] in newline_ids), default=0)
 
     def end(ids):
@@ -196,10 +201,15 @@ class PairCollator:
         self.pad_id = pad if pad is not None else self.append_eos_id
         self.pref_span = pref_span if pairs else "sequence"
         self.newline_ids: set[int] = set()
+        # (chosen ids, rejected ids) -> (chosen span, rejected span); None: rewards over the whole response
+        self.span_of = None
         if self.pref_span == "first_diff_line":  # every token whose text holds a line break
             vocab = len(self.tokenizer)
             texts = self.tokenizer.batch_decode([[i] for i in range(vocab)])
             self.newline_ids = {i for i, t in enumerate(texts) if "\n" in t}
+            self.span_of = functools.partial(preference_spans, newline_ids=self.newline_ids)
+        elif self.pref_span == "first_diff_token":
+            self.span_of = first_diff_token_spans
 
     @classmethod
     def from_pretrained(cls, model_dir, **kwargs) -> "PairCollator":
@@ -319,11 +329,10 @@ class PairCollator:
             extra[k] = full
         tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
         spans = None
-        if self.pref_span != "sequence":
+        if self.span_of is not None:
             spans = [None] * S
             for j in range(B):
-                spans[j], spans[B + j] = preference_spans(resp_ids[j], resp_ids[B + j], self.newline_ids) \
-                    if self.pref_span == "first_diff_line" else first_diff_token_spans(resp_ids[j], resp_ids[B + j])
+                spans[j], spans[B + j] = self.span_of(resp_ids[j], resp_ids[B + j])
             score_mask = torch.zeros((S, T), dtype=torch.bool)              # (S, T)
             for s, (a, b) in enumerate(spans):
                 kept = len(seqs[s]) - n_prompt[s]   # response tokens left after the max_length cut
