@@ -119,6 +119,11 @@ class WarmStartConfig(_Section):
     examples: int | None = Field(None, gt=0)  # demonstrations with images: the first N training prompts (None: all)
     text_drills: int = Field(0, ge=0)  # text-only demonstrations (images dropped) from the next training prompts
     glance_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of CoT demonstrations in glance style (synthetic)
+    # a second SFT stage (0: none) from stage 1's policy: the next `stage2_examples` training prompts (those that
+    # were text drills) with their images, at stage2_lr. It carries the tiny policy past its perception transition
+    # (README "Self-improvement"), where its own checked chains can take it further.
+    stage2_examples: int = Field(0, ge=0)
+    stage2_lr: float = Field(5e-4, gt=0.0)
 
 
 class ServingConfig(_Section):
@@ -234,16 +239,38 @@ def apply_override(data: dict, override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """A config file as a dict. A top-level `extends: other.yaml` (relative to this file) reads that file first and
+    lays this one over it: sections merge key by key, any other value replaces the base's. So a variant config
+    (jobs/configs/learning_curve.yaml) holds only what it changes, and says why next to it."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config {path} extends itself (through {' -> '.join(p.name for p in seen)})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config {path}: extends must be a file name, got {base!r}")
+    return _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
-    """Read a YAML file (or defaults when `path` is None), apply dotted overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path} must be a mapping at the top level")
+    """Read a YAML file (or defaults when `path` is None; `extends:` as in _read_yaml), apply dotted overrides,
+    validate."""
+    data: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
     for ov in overrides:
         apply_override(data, ov)
     try:

@@ -96,18 +96,26 @@ def warm_start_data(rows: list[dict], *, examples: int | None, text_drills: int,
             + sft_examples(rows[n:n + text_drills], seed=seed + 1, text_only=True, **kw))
 
 
+def stage2_data(rows: list[dict], *, examples: int | None, count: int, cot_instruction: str, direct_instruction: str,
+                direct_fraction: float, glance_fraction: float, seed: int) -> list[PreferencePair]:
+    """The second stage's SFT set: `count` demonstrations with their images from the training rows after stage 1's
+    image examples (the rows stage 1 saw only as text drills: new images, known chains' format)."""
+    n = len(rows) if examples is None else min(examples, len(rows))
+    if n + count > len(rows):
+        raise ValueError(f"warm_start.stage2_examples={count} needs {n + count} training prompts after "
+                         f"warm_start.examples={n}; data.n_train has {len(rows)}")
+    return sft_examples(rows[n:n + count], seed=seed + 2, glance_fraction=glance_fraction,
+                        cot_instruction=cot_instruction, direct_instruction=direct_instruction,
+                        direct_fraction=direct_fraction)
+
+
 def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool = True, session=None) -> dict:
     """Build/find model and data, SFT into `<run_dir>/policies/v0000`, and (optionally) evaluate it with vLLM.
 
     session: the run's TrainerSession (the recipe's, which the rounds then reuse); None: one is started for the
     warm start and closed after it."""
-    import ray
-
-    from mpo_online.console import TRAIN_PROGRESS_FILE
     from mpo_online.data import load_prompts
-    from mpo_online.records import pairs_to_table, write_parquet_atomic
     from mpo_online.run_state import RunDir
-    from mpo_online.trainer.session import TrainerSession
 
     run = RunDir.open(cfg.loop.run_dir, cfg, force=force)
     base = ensure_model(cfg.model.path, init_if_missing=cfg.model.init_if_missing, text_only=cfg.model.text_only,
@@ -122,36 +130,7 @@ def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool =
             import shutil
             shutil.copytree(base, out)
         else:
-            ws = cfg.warm_start
-            examples = warm_start_data(load_prompts(data / "train.parquet")[0], examples=ws.examples,
-                                       text_drills=ws.text_drills, cot_instruction=cfg.data.cot_instruction,
-                                       direct_instruction=cfg.data.direct_instruction,
-                                       direct_fraction=ws.direct_fraction, glance_fraction=ws.glance_fraction,
-                                       seed=cfg.data.seed)
-            sft_path = run.root / "warm_start_sft.parquet"
-            write_parquet_atomic(pairs_to_table(examples), sft_path)
-            if not ray.is_initialized():
-                ray.init(num_cpus=cfg.resources.num_cpus, num_gpus=cfg.resources.num_gpus, include_dashboard=False)
-            t, res = cfg.trainer, cfg.resources
-            own = session is None
-            if own:
-                session = TrainerSession.start(num_workers=res.train_workers, worker_cpus=res.train_worker_cpus,
-                                               worker_gpus=res.train_worker_gpus,
-                                               storage_dir=str(run.root / "warm_start_train"))
-            try:
-                trained = session.train(
-                    str(sft_path), policy_dir=str(base), out_dir=str(out), objective="sft", weights=(0.0, 0.0, 1.0),
-                    run_name="warm_start", group_by=t.group_by,
-                    progress_file=str(run.root / "warm_start_train" / "warm_start" / TRAIN_PROGRESS_FILE),
-                    lr=ws.lr, weight_decay=0.0, warmup_ratio=t.warmup_ratio, epochs=ws.epochs,
-                    micro_batch_size=ws.micro_batch_size, global_batch_size=ws.global_batch_size,
-                    zero_stage=t.zero_stage, precision=t.precision, max_grad_norm=t.max_grad_norm,
-                    max_nonfinite_steps=t.max_nonfinite_steps, logps_chunk_size=t.logps_chunk_size,
-                    max_length=t.max_length, seed=t.seed)
-            finally:
-                if own:
-                    session.close()
-            result["train"] = trained.metrics
+            result["train"] = _train_warm_start(cfg, run, base=base, data=data, out=out, session=session)
             (run.root / "warm_start.json").write_text(json.dumps(result, indent=1, default=str))
     if evaluate_offline:
         from mpo_online.evaluate import evaluate, offline_generator
@@ -160,6 +139,52 @@ def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool =
         result["eval"] = evaluate(gen, heldout, cot_instruction=cfg.data.cot_instruction,
                                   direct_instruction=cfg.data.direct_instruction, max_tokens=cfg.rollout.max_tokens)
     return result
+
+
+def _train_warm_start(cfg, run, *, base: Path, data: Path, out: Path, session) -> dict:
+    """Stage 1 (format, text drills, first image demonstrations) into `out`, or, with a second stage, into
+    <run_dir>/warm_start_stage1 and stage 2 from there into `out`. Each stage's result is cached in its output
+    directory, so a run interrupted in stage 2 resumes there. Returns the last stage's metrics."""
+    import ray
+
+    from mpo_online.console import TRAIN_PROGRESS_FILE
+    from mpo_online.data import load_prompts
+    from mpo_online.records import pairs_to_table, write_parquet_atomic
+    from mpo_online.trainer.session import TrainerSession
+
+    ws, t, res = cfg.warm_start, cfg.trainer, cfg.resources
+    rows = load_prompts(data / "train.parquet")[0]
+    kw = dict(examples=ws.examples, cot_instruction=cfg.data.cot_instruction,
+              direct_instruction=cfg.data.direct_instruction, direct_fraction=ws.direct_fraction,
+              glance_fraction=ws.glance_fraction, seed=cfg.data.seed)
+    stage1_out = run.root / "warm_start_stage1" if ws.stage2_examples else out
+    stages = [("warm_start", warm_start_data(rows, text_drills=ws.text_drills, **kw), base, stage1_out, ws.lr)]
+    if ws.stage2_examples:
+        stages.append(("warm_start_stage2", stage2_data(rows, count=ws.stage2_examples, **kw), stage1_out, out,
+                       ws.stage2_lr))
+    if not ray.is_initialized():
+        ray.init(num_cpus=res.num_cpus, num_gpus=res.num_gpus, include_dashboard=False)
+    own = session is None
+    if own:
+        session = TrainerSession.start(num_workers=res.train_workers, worker_cpus=res.train_worker_cpus,
+                                       worker_gpus=res.train_worker_gpus, storage_dir=str(run.root / "warm_start_train"))
+    try:
+        for name, examples, src, dst, lr in stages:
+            sft_path = run.root / f"{name}_sft.parquet"
+            write_parquet_atomic(pairs_to_table(examples), sft_path)
+            trained = session.train(
+                str(sft_path), policy_dir=str(src), out_dir=str(dst), objective="sft", weights=(0.0, 0.0, 1.0),
+                run_name=name, group_by=t.group_by,
+                progress_file=str(run.root / "warm_start_train" / "warm_start" / TRAIN_PROGRESS_FILE),
+                lr=lr, weight_decay=0.0, warmup_ratio=t.warmup_ratio, epochs=ws.epochs,
+                micro_batch_size=ws.micro_batch_size, global_batch_size=ws.global_batch_size,
+                zero_stage=t.zero_stage, precision=t.precision, max_grad_norm=t.max_grad_norm,
+                max_nonfinite_steps=t.max_nonfinite_steps, logps_chunk_size=t.logps_chunk_size,
+                max_length=t.max_length, seed=t.seed)
+    finally:
+        if own:
+            session.close()
+    return trained.metrics
 
 
 def sft_in_process(model_dir, rows: list[dict], *, steps: int, lr: float = 3e-3, batch_size: int = 16,

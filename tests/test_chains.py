@@ -88,6 +88,25 @@ def test_warm_start_mixes_glance_demos_with_image_free_worked_drills():
         assert d.chosen == r["solution"] and d.images == [] and "<image>" not in d.question
 
 
+def test_warm_start_stage2_takes_the_drill_rows_with_their_images():
+    """6 tasks, stage 1 uses the first 2 with images (and 2 drills); stage 2 of 3 examples takes rows 3-5 (the
+    rows after stage 1's image examples), now with their images and worked chains; 5 examples do not fit: error."""
+    import pytest
+
+    from mpo_online.tasks import generate_tasks
+    from mpo_online.warm_start import stage2_data
+
+    rows = generate_tasks(6, seed=12, levels=(1, 2), open_fraction=0.0)
+    kw = dict(cot_instruction=" Think.", direct_instruction=" Now.", direct_fraction=0.0, glance_fraction=0.0,
+              seed=0)
+    data = stage2_data(rows, examples=2, count=3, **kw)
+    assert [d.prompt_id for d in data] == [r["id"] for r in rows[2:5]]
+    for d, r in zip(data, rows[2:5]):
+        assert d.chosen == r["solution"] and d.images == r["images"] and d.question == r["question"] + " Think."
+    with pytest.raises(ValueError, match="stage2_examples=5"):
+        stage2_data(rows, examples=2, count=5, **kw)
+
+
 def test_pair_chain_rates_by_hand():
     """Two correctness pairs on CELLS ("How many red and blue in total?", gold 5) and one Dropout-NTP pair (ignored).
     Pair 1: chosen = the worked solution (scanned, consistent, perceived); rejected = a glance guess "4" (no scan

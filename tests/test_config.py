@@ -24,6 +24,24 @@ def test_every_shipped_config_validates(path):
     assert load_config(out) == cfg and load_config(out).hash() == cfg.hash()
 
 
+def test_extends_lays_a_variant_over_its_base(tmp_path):
+    """base sets mpo.beta 0.2 and mpo.w_pref 0.5; the variant extends it and sets mpo.beta 0.3 and trainer.lr 1e-3:
+    the merged tree has beta 0.3 (variant wins), w_pref 0.5 (kept from the base section), lr 1e-3; an override
+    still wins over both. A cycle (a extends b extends a) and a missing base are clear errors."""
+    (tmp_path / "base.yaml").write_text("mpo: {beta: 0.2, w_pref: 0.5}\nloop: {rounds: 7}\n")
+    (tmp_path / "variant.yaml").write_text("extends: base.yaml\nmpo: {beta: 0.3}\ntrainer: {lr: 1.0e-3}\n")
+    cfg = load_config(tmp_path / "variant.yaml")
+    assert (cfg.mpo.beta, cfg.mpo.w_pref, cfg.trainer.lr, cfg.loop.rounds) == (0.3, 0.5, 1e-3, 7)
+    assert load_config(tmp_path / "variant.yaml", ["mpo.beta=0.4"]).mpo.beta == 0.4
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "c.yaml")
+
+
 def test_tiny_default_fits_two_cores_and_uses_paper_mpo_weights():
     cfg = load_config(CONFIGS[[p.name for p in CONFIGS].index("tiny_cpu.yaml")])
     assert (cfg.mpo.w_pref, cfg.mpo.w_quality, cfg.mpo.w_gen, cfg.mpo.beta) == (0.8, 0.2, 1.0, 0.1)
