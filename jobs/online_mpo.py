@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 from mpo_online.config import load_config
 from mpo_online.console import TRAIN_PROGRESS_FILE, Console, train_progress_watcher
@@ -146,30 +147,43 @@ def main(argv=None) -> int:
             run.advance(m, "pairs", rollout=time.time() - t)
             console.done(m.stats["pairs"])
 
-        # 2. MPO update on this round's pairs (Ray Train + DeepSpeed); reference = warm start or last round's policy
+        # 2. MPO update on this round's pairs (Ray Train + DeepSpeed); reference = warm start or last round's policy;
+        #    with mpo.sft_unpaired, then SFT on the checked samples of the prompts without a pair
         if not phase_at_least(m, "trained"):
             console.phase(r, "train", watch=train_progress_watcher(rdir / "train"))
             t = time.time()
             prev = run.manifest(r - 1) if r > 1 else None
-            data_path, n_rows, objective = training_data(cfg, rdir, {row["id"]: row for row in train_rows})
-            if n_rows < cfg.trainer.global_batch_size:  # not one optimizer step of data: keep the policy as it is
+            calls = [c for c in training_calls(cfg, rdir, {row["id"]: row for row in train_rows})
+                     if c.rows >= cfg.trainer.global_batch_size]  # less than one optimizer step of data: skipped
+            m.delta = prev.delta if prev else {}
+            if not calls:  # keep the policy as it is
                 copy_policy(run.policy_dir(r - 1), run.policy_dir(r))
-                m.delta = prev.delta if prev else {}
-                m.stats["train"] = {"skipped": f"{n_rows} training rows < one global batch"}
-            else:
-                ref = None if objective in ("sft", "rft") else \
-                    run.policy_dir(0 if cfg.mpo.reference == "initial" else r - 1)
+                m.stats["train"] = {"skipped": "fewer training rows than one global batch"}
+            src, results = run.policy_dir(r - 1), {}
+            for i, c in enumerate(calls):
+                last = i == len(calls) - 1
+                dst = run.policy_dir(r) if last else rdir / f"policy_after_{c.objective}"
+                name = f"round_{r:04d}" if last else f"round_{r:04d}_{c.objective}"
+                pref = c.objective not in ("sft", "rft")
+                ref = run.policy_dir(0 if cfg.mpo.reference == "initial" else r - 1) if pref else None
                 result = session.train(
-                    data_path, policy_dir=str(run.policy_dir(r - 1)), out_dir=str(run.policy_dir(r)),
-                    ref_dir=None if ref is None else str(ref), objective=objective, weights=cfg.mpo.weights(),
-                    beta=cfg.mpo.beta, delta_state=prev.delta if prev else None, run_name=f"round_{r:04d}",
-                    progress_file=str(rdir / "train" / f"round_{r:04d}" / TRAIN_PROGRESS_FILE),
+                    c.path, policy_dir=str(src), out_dir=str(dst), ref_dir=None if ref is None else str(ref),
+                    objective=c.objective, weights=cfg.mpo.weights() if pref else (0.0, 0.0, 1.0),
+                    beta=cfg.mpo.beta, delta_state=prev.delta if prev else None, run_name=name,
+                    progress_file=str(rdir / "train" / name / TRAIN_PROGRESS_FILE),
                     # the pairs were sampled by policy r-1: with reference "previous" their engine log-probs are
                     # the reference's, so most pairs need no reference pass
                     engine_reference=cfg.mpo.reference == "previous" and cfg.mpo.engine_reference,
                     **trainer_kwargs(cfg, m.seeds["train"]))
-                m.delta = result.delta_state
-                m.stats["train"] = result.metrics
+                if pref:
+                    m.delta = result.delta_state
+                results[c.objective] = result.metrics
+                src = dst
+            if len(calls) == 1:
+                m.stats["train"] = results[calls[0].objective]
+            elif calls:  # the table's steps are the round's; each call's metrics under its objective
+                m.stats["train"] = {**results[calls[0].objective], "steps": sum(x["steps"] for x in results.values()),
+                                    "calls": results}
             run.advance(m, "trained", train=time.time() - t)
             console.done(m.stats["train"])
 
@@ -238,21 +252,36 @@ def session_kwargs(cfg) -> dict:
     return dict(num_workers=res.train_workers, worker_cpus=res.train_worker_cpus, worker_gpus=res.train_worker_gpus)
 
 
-def training_data(cfg, rdir, prompts_by_id: dict) -> tuple[str, int, str]:
-    """(parquet path, rows, objective) this round trains on: the pairs, or for RFT its correct samples (as SFT) that
-    pass the chosen-side check (pairs.chosen_check)."""
+class TrainCall(NamedTuple):
+    path: str       # parquet in the pair schema
+    rows: int
+    objective: str
+
+
+def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
+    """What this round trains on, in order: the pairs (preference objectives), or for RFT its correct samples (as
+    SFT) that pass the chosen-side check (pairs.chosen_check). With mpo.sft_unpaired, a preference round is followed
+    by an SFT call on the checked samples of the prompts that gave no pair (all samples right): the chains RFT would
+    learn from that the pairs leave out."""
     import pyarrow.parquet as pq
-    if cfg.mpo.objective != "rft":
-        path = rdir / "pairs.parquet"
-        return str(path), pq.read_metadata(path).num_rows, cfg.mpo.objective
+
     from mpo_online.pairs import rft_examples
     from mpo_online.records import pairs_to_table, write_parquet_atomic
+    calls = []
+    if cfg.mpo.objective != "rft":
+        path = rdir / "pairs.parquet"
+        calls.append(TrainCall(str(path), pq.read_metadata(path).num_rows, cfg.mpo.objective))
+        if not cfg.mpo.sft_unpaired:
+            return calls
     examples = rft_examples(pq.read_table(rdir / "rollouts.parquet").to_pylist(), prompts_by_id,
                             max_per_prompt=cfg.pairs.max_pairs_per_prompt, cot_instruction=cfg.data.cot_instruction,
                             chosen_check=cfg.pairs.chosen_check)
-    path = rdir / "rft_examples.parquet"
+    if calls:
+        paired = set(pq.read_table(calls[0].path, columns=["prompt_id"]).column("prompt_id").to_pylist())
+        examples = [e for e in examples if e.prompt_id not in paired]
+    path = rdir / ("sft_unpaired.parquet" if calls else "rft_examples.parquet")
     write_parquet_atomic(pairs_to_table(examples), path)
-    return str(path), len(examples), "rft"
+    return calls + [TrainCall(str(path), len(examples), "rft")]
 
 
 def copy_policy(src, dst) -> None:

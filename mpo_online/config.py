@@ -84,6 +84,9 @@ class MPOConfig(_Section):
     # differ, or only their first differing token (mpo_online/trainer/batching.py: a misread cell, not the chain
     # that follows from it)
     pref_span: Literal["sequence", "first_diff_line", "first_diff_token"] = "sequence"
+    # not in the paper: after a preference round's update, SFT on the checked samples of prompts that gave no pair
+    # (all samples right), so the round learns from every prompt RFT would (jobs/online_mpo.py training_calls)
+    sft_unpaired: bool = False
 
     def weights(self) -> tuple[float, float, float]:
         """(w_pref, w_quality, w_gen) the objective implies; `mpo` uses the configured weights."""

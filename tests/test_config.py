@@ -130,3 +130,38 @@ def test_rft_rounds_skip_dropout_ntp_continuations():
     assert recipe.rollout_kwargs(load_config(None, ["mpo.objective=rft"]))["dropout_ntp"] is False
     assert recipe.rollout_kwargs(load_config(None, ["mpo.objective=dpo", "pairs.dropout_ntp=false"]))["dropout_ntp"] \
         is False
+
+
+def test_training_calls_add_the_unpaired_prompts_sft_after_the_pairs(tmp_path):
+    """A round's data by hand: prompt a has a right and a wrong sample (so one pair), prompt b two right samples (no
+    pair), prompt c one wrong sample. mpo: one call on the pairs. mpo + mpo.sft_unpaired: the pairs, then an RFT
+    call on b's two right samples only (a's right sample is in its pair). rft: one call on a's and b's right samples."""
+    import importlib.util
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mpo_online.records import PreferencePair, pairs_to_table
+    spec = importlib.util.spec_from_file_location("online_mpo_recipe", CONFIGS[0].parent.parent / "online_mpo.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+
+    prompts = {p: {"id": p, "question": f"q {p}?", "images": [], "answer": "3", "kind": "qa", "meta": None}
+               for p in "abc"}
+    samples = [("a", "so 3\nFinal answer: 3", True), ("a", "Final answer: 4", False), ("b", "Final answer: 3", True),
+               ("b", "hence 3\nFinal answer: 3", True), ("c", "Final answer: 5", False)]
+    pq.write_table(pa.Table.from_pylist([
+        {"prompt_id": p, "text": t, "correct": ok, "source": "rollout", "round": 1, "policy_version": 0,
+         "final_answer": None, "token_ids": None, "logprobs": None, "sample_index": i}
+        for i, (p, t, ok) in enumerate(samples)]), tmp_path / "rollouts.parquet")
+    pq.write_table(pairs_to_table([PreferencePair(
+        pair_id="p0", prompt_id="a", kind="correctness", question="q a?", images=[], chosen=samples[0][1],
+        rejected=samples[1][1])]), tmp_path / "pairs.parquet")
+
+    def calls(*overrides):
+        out = recipe.training_calls(load_config(None, list(overrides)), tmp_path, prompts)
+        return [(c.objective, c.rows, sorted(pq.read_table(c.path).column("prompt_id").to_pylist())) for c in out]
+    assert calls("mpo.objective=mpo") == [("mpo", 1, ["a"])]
+    assert calls("mpo.objective=mpo", "mpo.sft_unpaired=true") == [("mpo", 1, ["a"]), ("rft", 2, ["b", "b"])]
+    assert calls("mpo.objective=dpo", "mpo.sft_unpaired=true")[1] == ("rft", 2, ["b", "b"])
+    assert calls("mpo.objective=rft") == [("rft", 3, ["a", "b", "b"])]
