@@ -119,13 +119,19 @@ def test_chosen_check_modes_match_the_checker():
         load_config(None, ["pairs.chosen_check=luck"])
 
 
-def test_rft_rounds_skip_dropout_ntp_continuations():
-    """The recipe's rollout kwargs: Dropout-NTP continuations are generated for the pair objectives only (RFT trains
-    on the samples, so generating continuations for it would be wasted engine time)."""
+def _recipe():
+    """jobs/online_mpo.py as a module (it is a script, not a package member)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("online_mpo_recipe", CONFIGS[0].parent.parent / "online_mpo.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
+    return recipe
+
+
+def test_rft_rounds_skip_dropout_ntp_continuations():
+    """The recipe's rollout kwargs: Dropout-NTP continuations are generated for the pair objectives only (RFT trains
+    on the samples, so generating continuations for it would be wasted engine time)."""
+    recipe = _recipe()
     assert recipe.rollout_kwargs(load_config(None, ["mpo.objective=mpo"]))["dropout_ntp"] is True
     assert recipe.rollout_kwargs(load_config(None, ["mpo.objective=rft"]))["dropout_ntp"] is False
     assert recipe.rollout_kwargs(load_config(None, ["mpo.objective=dpo", "pairs.dropout_ntp=false"]))["dropout_ntp"] \
@@ -136,15 +142,11 @@ def test_training_calls_add_the_unpaired_prompts_sft_after_the_pairs(tmp_path):
     """A round's data by hand: prompt a has a right and a wrong sample (so one pair), prompt b two right samples (no
     pair), prompt c one wrong sample. mpo: one call on the pairs. mpo + mpo.sft_unpaired: the pairs, then an RFT
     call on b's two right samples only (a's right sample is in its pair). rft: one call on a's and b's right samples."""
-    import importlib.util
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from mpo_online.records import PreferencePair, pairs_to_table
-    spec = importlib.util.spec_from_file_location("online_mpo_recipe", CONFIGS[0].parent.parent / "online_mpo.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = _recipe()
 
     prompts = {p: {"id": p, "question": f"q {p}?", "images": [], "answer": "3", "kind": "qa", "meta": None}
                for p in "abc"}
