@@ -179,11 +179,8 @@ def main(argv=None) -> int:
                     m.delta = result.delta_state
                 results[c.objective] = result.metrics
                 src = dst
-            if len(calls) == 1:
-                m.stats["train"] = results[calls[0].objective]
-            elif calls:  # the table's steps are the round's; each call's metrics under its objective
-                m.stats["train"] = {**results[calls[0].objective], "steps": sum(x["steps"] for x in results.values()),
-                                    "calls": results}
+            if calls:
+                m.stats["train"] = round_train_metrics(results)
             run.advance(m, "trained", train=time.time() - t)
             console.done(m.stats["train"])
 
@@ -282,6 +279,17 @@ def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
     path = rdir / ("sft_unpaired.parquet" if calls else "rft_examples.parquet")
     write_parquet_atomic(pairs_to_table(examples), path)
     return calls + [TrainCall(str(path), len(examples), "rft")]
+
+
+def round_train_metrics(results: dict) -> dict:
+    """One call's metrics as they are; for two calls (mpo.sft_unpaired) the first call's, with the round's totals
+    of steps, rows, tokens and seconds, and each call's own metrics under "calls" {objective: metrics}."""
+    if len(results) == 1:
+        return next(iter(results.values()))
+    first = next(iter(results.values()))
+    summed = {k: sum(x.get(k) or 0 for x in results.values()) for k, v in first.items()
+              if k in ("steps", "total_steps", "pairs", "tokens", "micro_batches") or k.endswith("_seconds")}
+    return {**first, **summed, "calls": results}
 
 
 def copy_policy(src, dst) -> None:

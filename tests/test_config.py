@@ -167,3 +167,15 @@ def test_training_calls_add_the_unpaired_prompts_sft_after_the_pairs(tmp_path):
     assert calls("mpo.objective=mpo", "mpo.sft_unpaired=true") == [("mpo", 1, ["a"]), ("rft", 2, ["b", "b"])]
     assert calls("mpo.objective=dpo", "mpo.sft_unpaired=true")[1] == ("rft", 2, ["b", "b"])
     assert calls("mpo.objective=rft") == [("rft", 3, ["a", "b", "b"])]
+
+
+def test_round_train_metrics_sum_the_calls_of_a_round():
+    """mpo (10 steps, 20 pairs, 3.0 s) then rft (30 steps, 40 rows, 5.0 s): the round shows 40 steps, 60 rows, 8.0 s,
+    the first call's loss, and both calls' own metrics; a single call's metrics pass through unchanged."""
+    recipe = _recipe()
+    mpo = {"steps": 10, "pairs": 20, "train_seconds": 3.0, "loss": 0.7, "objective": "mpo"}
+    rft = {"steps": 30, "pairs": 40, "train_seconds": 5.0, "loss": 0.1, "objective": "rft"}
+    merged = recipe.round_train_metrics({"mpo": mpo, "rft": rft})
+    assert (merged["steps"], merged["pairs"], merged["train_seconds"], merged["loss"]) == (40, 60, 8.0, 0.7)
+    assert merged["calls"] == {"mpo": mpo, "rft": rft}
+    assert recipe.round_train_metrics({"rft": rft}) == rft

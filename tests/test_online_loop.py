@@ -124,7 +124,8 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
     run = tmp_path / "run"
     overrides = [f"loop.run_dir={run}", f"model.path={tmp_path / 'model'}", f"data.dir={tmp_path / 'tasks'}",
                  "loop.rounds=2", "data.n_train=512", "data.n_heldout=32", "warm_start.epochs=4",
-                 "warm_start.micro_batch_size=8", "warm_start.global_batch_size=16",
+                 "warm_start.micro_batch_size=8", "warm_start.global_batch_size=16", "warm_start.examples=256",
+                 "warm_start.text_drills=128", "warm_start.stage2_examples=128", "mpo.sft_unpaired=true",
                  "rollout.prompts_per_round=32", "rollout.samples_per_prompt=4", "rollout.max_tokens=64",
                  "trainer.micro_batch_size=8", "trainer.global_batch_size=16", f"serving.port={_free_port()}"]
 
@@ -172,7 +173,8 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
         assert set(r["seconds"]) >= {"rollout", "train", "swap", "eval", "total"}
         assert r["pairs"]["samples"] == 32 * 4
     assert summary["wall_seconds"] > 0 and summary["config_hash"]
-    for name in ("report.md", "accuracy.png", "metrics.jsonl", "config.yaml"):
+    for name in ("report.md", "accuracy.png", "metrics.jsonl", "config.yaml", "warm_start_stage1/mpo_train.json",
+                 "rounds/round_0001/sft_unpaired.parquet"):  # the two-stage warm start; the unpaired prompts' SFT
         assert (run / name).exists(), name
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     logs = _client(cluster).get_job_logs("mpo-c")
