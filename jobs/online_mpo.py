@@ -273,7 +273,7 @@ def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
     examples = rft_examples(pq.read_table(rdir / "rollouts.parquet").to_pylist(), prompts_by_id,
                             max_per_prompt=cfg.pairs.max_pairs_per_prompt, cot_instruction=cfg.data.cot_instruction,
                             chosen_check=cfg.pairs.chosen_check)
-    if calls:
+    if calls and calls[0].rows >= cfg.trainer.global_batch_size:  # else the pairs are skipped: their prompts' too
         paired = set(pq.read_table(calls[0].path, columns=["prompt_id"]).column("prompt_id").to_pylist())
         examples = [e for e in examples if e.prompt_id not in paired]
     path = rdir / ("sft_unpaired.parquet" if calls else "rft_examples.parquet")
