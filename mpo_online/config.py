@@ -124,7 +124,7 @@ class WarmStartConfig(_Section):
     glance_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of CoT demonstrations in glance style (synthetic)
     # a second SFT stage (0: none) from stage 1's policy: the next `stage2_examples` training prompts (those that
     # were text drills) with their images, at stage2_lr. It carries the tiny policy past its perception transition
-    # (README "Self-improvement"), where its own checked chains can take it further.
+    # (README "The learning curve"), where its own checked chains can take it further.
     stage2_examples: int = Field(0, ge=0)
     stage2_lr: float = Field(5e-4, gt=0.0)
 
