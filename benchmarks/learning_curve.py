@@ -6,7 +6,7 @@
 
 Runs the recipe (jobs/online_mpo.py, the same code `bash scripts/demo.sh` runs) in its own run directory — resuming
 it if it exists — with jobs/configs/learning_curve.yaml by default (the demo's embedded default with a warm start
-past the perception transition and 2,048-prompt rounds: ~40 min on 2 cores; `--rounds` overrides the config's 5),
+past the perception transition and 2,048-prompt rounds: ~33 min on 2 cores; `--rounds` overrides the config's 5),
 then prints, per round: greedy CoT and direct accuracy on the held-out
 split (± one standard error, sqrt(p(1-p)/n)), how often the CoT responses are worked chains (`chain_scanned`: scan
 lines rather than a glance), hold together (`chain_consistent`: the final
