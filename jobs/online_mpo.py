@@ -284,10 +284,10 @@ def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
 def round_train_metrics(results: dict) -> dict:
     """One call's metrics as they are; for two calls (mpo.sft_unpaired) the first call's, with the round's totals
     of steps, rows, tokens and seconds, and each call's own metrics under "calls" {objective: metrics}."""
-    if len(results) == 1:
-        return next(iter(results.values()))
     first = next(iter(results.values()))
-    summed = {k: sum(x.get(k) or 0 for x in results.values()) for k, v in first.items()
+    if len(results) == 1:
+        return first
+    summed = {k: sum(x.get(k) or 0 for x in results.values()) for k in first
               if k in ("steps", "total_steps", "pairs", "tokens", "micro_batches") or k.endswith("_seconds")}
     return {**first, **summed, "calls": results}
 
