@@ -3,6 +3,7 @@
     python benchmarks/ablation.py [--rounds 5] [--seeds 0 1 2] [--out runs/ablation] [key=value ...]
     python benchmarks/ablation.py --report-only --out runs/ablation --seeds 0 1 2
     python benchmarks/ablation.py --warm-start-from runs/tiny_cpu [...]    # every seed from that run's warm start
+    python benchmarks/ablation.py --objectives mpo rft [...]               # a subset of the objectives
 
 For each seed s, the four objectives run the real loop (jobs/online_mpo.py) one after another in run directories
 `<out>/seed<s>/<objective>` (one Ray cluster at a time). They share the model, the tasks and the warm-start policy v0
@@ -30,11 +31,11 @@ OBJECTIVES = ("mpo", "dpo_sft", "dpo", "rft")
 
 def run_seed(out: Path, seed: int, a) -> dict:
     results = {}
-    first = out / f"seed{seed}" / OBJECTIVES[0]
+    first = out / f"seed{seed}" / a.objectives[0]
     shared = Path(a.warm_start_from) / "policies/v0000" if a.warm_start_from else first / "policies/v0000"
     # this seed's initial weights (built on first use), unless every seed starts from one given warm start
     model = [] if a.warm_start_from else [f"model.seed={seed}", f"model.path={out / f'seed{seed}' / 'model'}"]
-    for objective in OBJECTIVES:
+    for objective in a.objectives:
         run = out / f"seed{seed}" / objective
         if run / "policies/v0000" != shared and not (run / "policies/v0000").exists() and shared.exists():
             (run / "policies").mkdir(parents=True, exist_ok=True)  # the same warm start for every objective
@@ -93,6 +94,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--config", default="jobs/configs/tiny_cpu.yaml")
+    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES,
+                   help="which objectives to run (the first one trains each seed's warm start)")
     p.add_argument("--report-only", action="store_true", help="only tabulate the run directories under --out")
     p.add_argument("--warm-start-from", default=None,
                    help="a run directory whose warm start (policies/v0000) every seed and objective starts from; "
