@@ -5,8 +5,8 @@
     python benchmarks/ablation.py --warm-start-from runs/tiny_cpu [...]    # every seed from that run's warm start
     python benchmarks/ablation.py --objectives mpo rft [...]               # a subset of the objectives
 
-For each seed s, the objectives (all four, or those given with --objectives) run the real loop (jobs/online_mpo.py) one after another in run directories
-`<out>/seed<s>/<objective>` (one Ray cluster at a time). They share the model, the tasks and the warm-start policy v0
+For each seed s, the objectives (all four, or those given with --objectives) run the real loop (jobs/online_mpo.py)
+one after another in run directories `<out>/seed<s>/<objective>` (one Ray cluster at a time). They share the model, the tasks and the warm-start policy v0
 of seed s (trained by the first objective's run, copied into the others), and every seed of the run: `model.seed`,
 `trainer.seed` and `rollout.seed` are all s. So within a seed the objectives differ only in the loss; across seeds,
 everything random differs (initial weights, warm-start data order, sampled rollouts). With --warm-start-from, all
