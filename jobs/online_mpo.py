@@ -259,7 +259,7 @@ def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
     """What this round trains on, in order: the pairs (preference objectives), or for RFT its correct samples (as
     SFT) that pass the chosen-side check (pairs.chosen_check). With mpo.sft_unpaired, a preference round is followed
     by an SFT call on the checked samples of the prompts that gave no pair (all samples right): the chains RFT would
-    learn from that the pairs leave out."""
+    learn from that the pairs leave out; with mpo.sft_paired also the paired prompts' (all RFT would learn from)."""
     import pyarrow.parquet as pq
 
     from mpo_online.pairs import rft_examples
@@ -273,10 +273,12 @@ def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
     examples = rft_examples(pq.read_table(rdir / "rollouts.parquet").to_pylist(), prompts_by_id,
                             max_per_prompt=cfg.pairs.max_pairs_per_prompt, cot_instruction=cfg.data.cot_instruction,
                             chosen_check=cfg.pairs.chosen_check)
-    if calls and calls[0].rows >= cfg.trainer.global_batch_size:  # else the pairs are skipped: their prompts' too
+    if calls and calls[0].rows >= cfg.trainer.global_batch_size and not cfg.mpo.sft_paired:
+        # (a pair call too small to run is skipped: then its prompts' samples go to the SFT call as well)
         paired = set(pq.read_table(calls[0].path, columns=["prompt_id"]).column("prompt_id").to_pylist())
         examples = [e for e in examples if e.prompt_id not in paired]
-    path = rdir / ("sft_unpaired.parquet" if calls else "rft_examples.parquet")
+    path = rdir / ("rft_examples.parquet" if not calls else "sft_all.parquet" if cfg.mpo.sft_paired
+                   else "sft_unpaired.parquet")
     write_parquet_atomic(pairs_to_table(examples), path)
     return calls + [TrainCall(str(path), len(examples), "rft")]
 

@@ -87,6 +87,16 @@ class MPOConfig(_Section):
     # not in the paper: after a preference round's update, SFT on the checked samples of prompts that gave no pair
     # (all samples right), so the round learns from every prompt RFT would (jobs/online_mpo.py training_calls)
     sft_unpaired: bool = False
+    # with sft_unpaired: that SFT call takes the paired prompts' checked samples too (all of RFT's data). In one loss
+    # the preference terms' larger gradients set Adam's step size, and the SFT term hardly moves the chosen chains
+    # (README, "Why MPO trails RFT here"); a call of its own gives SFT its own steps
+    sft_paired: bool = False
+
+    @model_validator(mode="after")
+    def _sft_paired_needs_sft_unpaired(self):
+        if self.sft_paired and not self.sft_unpaired:
+            raise ValueError("mpo.sft_paired=true extends the mpo.sft_unpaired call: set mpo.sft_unpaired=true too")
+        return self
 
     def weights(self) -> tuple[float, float, float]:
         """(w_pref, w_quality, w_gen) the objective implies; `mpo` uses the configured weights."""

@@ -141,7 +141,8 @@ def test_rft_rounds_skip_dropout_ntp_continuations():
 def test_training_calls_add_the_unpaired_prompts_sft_after_the_pairs(tmp_path):
     """A round's data by hand: prompt a has a right and a wrong sample (so one pair), prompt b two right samples (no
     pair), prompt c one wrong sample. mpo: one call on the pairs. mpo + mpo.sft_unpaired: the pairs, then an RFT
-    call on b's two right samples only (a's right sample is in its pair). rft: one call on a's and b's right samples.
+    call on b's two right samples only (a's right sample is in its pair); + mpo.sft_paired: that call also takes a's.
+    rft: one call on a's and b's right samples.
     (A global batch of 1 row, so the one pair is a training call; with the default 32 it is not: see the end.)"""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -168,6 +169,10 @@ def test_training_calls_add_the_unpaired_prompts_sft_after_the_pairs(tmp_path):
     assert calls("mpo.objective=mpo") == [("mpo", 1, ["a"])]
     assert calls("mpo.objective=mpo", "mpo.sft_unpaired=true") == [("mpo", 1, ["a"]), ("rft", 2, ["b", "b"])]
     assert calls("mpo.objective=dpo", "mpo.sft_unpaired=true")[1] == ("rft", 2, ["b", "b"])
+    assert calls("mpo.objective=mpo", "mpo.sft_unpaired=true", "mpo.sft_paired=true") == [
+        ("mpo", 1, ["a"]), ("rft", 3, ["a", "b", "b"])]
+    with pytest.raises(ValueError, match="mpo.sft_unpaired=true too"):
+        load_config(None, ["mpo.sft_paired=true"])
     assert calls("mpo.objective=rft") == [("rft", 3, ["a", "b", "b"])]
     # fewer pairs than one global batch: the recipe skips the pair call, so a's right sample goes to the SFT call
     assert calls("mpo.objective=mpo", "mpo.sft_unpaired=true", batch=())[1] == ("rft", 3, ["a", "b", "b"])
