@@ -10,7 +10,10 @@ and per-token log-probs (fp32, no Ray), and prints per policy:
 - the chosen response: mean summed log-prob, and the mean per-token change against the starting policy, split into
   the decision token, tokens with the rejected decision token's id elsewhere in the chosen response, and the rest.
 
-This is what showed why MPO trails RFT here (README, "Why MPO trails RFT here"). Usage:
+With --grad-norms it also prints, at the starting policy (where every reward is 0), the gradient norm of each of
+MPO's weighted terms over micro-batches of 8 pairs (rewards on the first differing token, as in learning_curve.yaml).
+
+This is what showed why MPO trailed RFT here (README, "Why MPO trailed RFT, and mpo.sft_paired"). Usage:
   python benchmarks/pair_shift.py runs/X/rounds/round_0001 runs/X/policies/v0000 runs/X/policies/v0001 runs/Y/...
 The first policy is the one that sampled the round (the reference); run directories are not modified.
 """
@@ -70,11 +73,38 @@ def report(rows: list[dict], base: list, scored: list) -> dict:
             "chosen_dlogp_rest": mean(rest)}
 
 
+def term_grad_norms(policy_dir: str, rows: list[dict], *, beta=0.1, weights=(0.8, 0.2, 1.0), micro=8) -> dict:
+    """Mean over micro-batches of ||d(w * term)/d(params)|| for MPO's three terms at `policy_dir`, reference = policy."""
+    import torch
+
+    from mpo_online.losses import mpo_loss
+    from mpo_online.trainer.batching import PairCollator
+    from mpo_online.trainer.logps import load_model, sequence_logps
+
+    model = load_model(policy_dir)
+    collator = PairCollator.from_pretrained(policy_dir, max_length=2048, pairs=True, pref_span="first_diff_token")
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = {"pref": [], "quality": [], "gen": []}
+    for i in range(0, len(rows), micro):
+        batch = collator(rows[i:i + micro])
+        B = batch.n_pairs
+        sum_lp, nll, _ = sequence_logps(model, batch.tensors)               # (2B,) each
+        for j, name in enumerate(norms):
+            w = [0.0, 0.0, 0.0]
+            w[j] = weights[j]
+            loss, _ = mpo_loss(sum_lp[:B], sum_lp[B:], sum_lp[:B].detach(), sum_lp[B:].detach(), nll[:B], beta=beta,
+                               w_pref=w[0], w_quality=w[1], w_gen=w[2], delta=0.0)
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            norms[name].append(float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))))
+    return {k: mean(v) for k, v in norms.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("round_dir")
     p.add_argument("policies", nargs="+", help="the round's starting policy first, then the policies to compare")
     p.add_argument("--pairs", type=int, default=200)
+    p.add_argument("--grad-norms", action="store_true", help="also MPO's per-term gradient norms (first 64 pairs)")
     a = p.parse_args()
 
     import pyarrow.parquet as pq
@@ -86,6 +116,9 @@ def main() -> None:
     for policy in a.policies:
         rep = report(rows, base, base if policy == a.policies[0] else score(policy, rows))
         print(policy, " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rep.items()))
+    if a.grad_norms:
+        norms = term_grad_norms(a.policies[0], rows[:64])
+        print("grad norms at", a.policies[0], " ".join(f"{k}={v:.3f}" for k, v in norms.items()))
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ class MPOConfig(_Section):
     sft_unpaired: bool = False
     # with sft_unpaired: that SFT call takes the paired prompts' checked samples too (all of RFT's data). In one loss
     # the preference terms' larger gradients set Adam's step size, and the SFT term hardly moves the chosen chains
-    # (README, "Why MPO trails RFT here"); a call of its own gives SFT its own steps
+    # (README, "Why MPO trailed RFT, and mpo.sft_paired"); a call of its own gives SFT its own steps
     sft_paired: bool = False
 
     @model_validator(mode="after")
