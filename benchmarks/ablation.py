@@ -6,11 +6,12 @@
     python benchmarks/ablation.py --objectives mpo rft [...]               # a subset of the objectives
 
 For each seed s, the objectives (all four, or those given with --objectives) run the real loop (jobs/online_mpo.py)
-one after another in run directories `<out>/seed<s>/<objective>` (one Ray cluster at a time). They share the model, the tasks and the warm-start policy v0
-of seed s (trained by the first objective's run, copied into the others), and every seed of the run: `model.seed`,
-`trainer.seed` and `rollout.seed` are all s. So within a seed the objectives differ only in the loss; across seeds,
-everything random differs (initial weights, warm-start data order, sampled rollouts). With --warm-start-from, all
-runs start from that run's warm start (no warm start is trained) and seeds vary the rollouts and the updates only.
+one after another in run directories `<out>/seed<s>/<objective>` (one Ray cluster at a time). They share the model,
+the tasks and the warm-start policy v0 of seed s (trained by the first objective's run, copied into the others), and
+every seed of the run: `model.seed`, `trainer.seed` and `rollout.seed` are all s. So within a seed the objectives
+differ only in the loss; across seeds, everything random differs (initial weights, warm-start data order, sampled
+rollouts). With --warm-start-from, all runs start from that run's warm start (no warm start is trained) and seeds
+vary the rollouts and the updates only.
 
 Prints and writes `<out>/ablation.md`: per objective, held-out greedy CoT accuracy on the final round (mean over
 seeds ± the standard error of that mean, and each seed's value), the round-by-round means, direct-answer accuracy,

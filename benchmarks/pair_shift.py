@@ -29,10 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def first_diff(a: list[int], b: list[int]) -> int | None:
-    return next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
-
-
 def score(policy_dir: str, rows: list[dict]) -> list[tuple[list[float], list[float]]]:
     """Per pair: (chosen per-token log-probs, rejected per-token log-probs) under `policy_dir`."""
     from mpo_online.parity import _score, _targets
@@ -54,11 +50,13 @@ def mean(xs: list[float]) -> float:
 
 def report(rows: list[dict], base: list, scored: list) -> dict:
     """The figures of the module docstring for one policy (`scored`) against the starting policy (`base`)."""
+    from mpo_online.trainer.batching import first_difference
+
     dc, dr, other, likelier, seq, at_d, same_id, rest = [], [], [], [], [], [], [], []
     for row, (c0, _), (c1, r1) in zip(rows, base, scored):
         c, r = row["chosen_token_ids"], row["rejected_token_ids"]
-        d = first_diff(c, r)
-        if d is None or d >= len(c1) or d >= len(r1):
+        d = first_difference(c, r)
+        if d >= min(len(c1), len(r1)):
             continue  # one response is a prefix of the other: no decision token
         dc.append(c1[d])
         dr.append(r1[d])
