@@ -259,7 +259,8 @@ def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
     """What this round trains on, in order: the pairs (preference objectives), or for RFT its correct samples (as
     SFT) that pass the chosen-side check (pairs.chosen_check). With mpo.sft_unpaired, a preference round is followed
     by an SFT call on the checked samples of the prompts that gave no pair (all samples right): the chains RFT would
-    learn from that the pairs leave out; with mpo.sft_paired also the paired prompts' (all RFT would learn from)."""
+    learn from that the pairs leave out; with mpo.sft_paired also the paired prompts' (all RFT would learn from).
+    mpo.rft_mixed_repeats lists the examples of prompts that also drew a wrong sample that many times."""
     import pyarrow.parquet as pq
 
     from mpo_online.pairs import rft_examples
@@ -272,7 +273,7 @@ def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
             return calls
     examples = rft_examples(pq.read_table(rdir / "rollouts.parquet").to_pylist(), prompts_by_id,
                             max_per_prompt=cfg.pairs.max_pairs_per_prompt, cot_instruction=cfg.data.cot_instruction,
-                            chosen_check=cfg.pairs.chosen_check)
+                            chosen_check=cfg.pairs.chosen_check, mixed_repeats=cfg.mpo.rft_mixed_repeats)
     if calls and calls[0].rows >= cfg.trainer.global_batch_size and not cfg.mpo.sft_paired:
         # (a pair call too small to run is skipped: then its prompts' samples go to the SFT call as well)
         paired = set(pq.read_table(calls[0].path, columns=["prompt_id"]).column("prompt_id").to_pylist())

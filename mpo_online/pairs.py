@@ -35,6 +35,7 @@ ntp_same_as_chosen [Dropout-NTP chosen responses].
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -295,12 +296,16 @@ def ntp_pair(prompt_row: dict, chosen: Rollout, prefix: str, continuation: str, 
 
 
 def rft_examples(rollout_rows: list[dict], prompts_by_id: dict[str, dict], *, max_per_prompt: int,
-                 cot_instruction: str = "", chosen_check: str = "answer") -> list[PreferencePair]:
+                 cot_instruction: str = "", chosen_check: str = "answer", mixed_repeats: int = 1
+                 ) -> list[PreferencePair]:
     """The rejection-sampling baseline's data: SFT examples from correct samples (distinct texts, capped per prompt).
 
     `rollout_rows` are a round's rollouts.parquet rows (verdict in `correct`); continuations are not samples.
     `chosen_check` (config pairs.chosen_check): a correct sample failing the prompt's chosen-side check
     (chains.chosen_checker, from the prompt row's meta) is not an example, as it would not be a chosen response.
+    `mixed_repeats` (config mpo.rft_mixed_repeats): the examples of a prompt that also drew a wrong sample (a prompt
+    the policy still gets wrong sometimes: one that gives correctness pairs) are listed this many times, each copy
+    with its own pair_id, after all the first copies.
     """
     seen: dict[str, set] = {}
     checkers: dict[str, object] = {}  # prompt id -> chosen_ok or None, built once per prompt
@@ -324,4 +329,7 @@ def rft_examples(rollout_rows: list[dict], prompts_by_id: dict[str, dict], *, ma
             chosen=r["text"], rejected=None, round=int(r["round"]), policy_version=int(r["policy_version"]),
             gold_answer=prompt.get("answer"), chosen_answer=r.get("final_answer"), chosen_correct=True,
             chosen_token_ids=r.get("token_ids"), chosen_logprobs=r.get("logprobs")))
-    return out
+    mixed = {r["prompt_id"] for r in rollout_rows if r.get("source") == "rollout" and r.get("correct") is False}
+    repeats = [dataclasses.replace(e, pair_id=PreferencePair.make_id(e.prompt_id, f"sft#{k}", e.chosen, None))
+               for k in range(1, mixed_repeats) for e in out if e.prompt_id in mixed]
+    return out + repeats

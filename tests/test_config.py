@@ -142,7 +142,7 @@ def test_training_calls_add_the_unpaired_prompts_sft_after_the_pairs(tmp_path):
     """A round's data by hand: prompt a has a right and a wrong sample (so one pair), prompt b two right samples (no
     pair), prompt c one wrong sample. mpo: one call on the pairs. mpo + mpo.sft_unpaired: the pairs, then an RFT
     call on b's two right samples only (a's right sample is in its pair); + mpo.sft_paired: that call also takes a's.
-    rft: one call on a's and b's right samples.
+    rft: one call on a's and b's right samples; with mpo.rft_mixed_repeats=2, a's twice (a also drew a wrong one).
     (A global batch of 1 row, so the one pair is a training call; with the default 32 it is not: see the end.)"""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -174,6 +174,8 @@ def test_training_calls_add_the_unpaired_prompts_sft_after_the_pairs(tmp_path):
     with pytest.raises(ValueError, match="mpo.sft_unpaired=true too"):
         load_config(None, ["mpo.sft_paired=true"])
     assert calls("mpo.objective=rft") == [("rft", 3, ["a", "b", "b"])]
+    # mpo.rft_mixed_repeats: a drew a wrong sample, so its right one is trained twice (b's, all right, once)
+    assert calls("mpo.objective=rft", "mpo.rft_mixed_repeats=2") == [("rft", 4, ["a", "a", "b", "b"])]
     # fewer pairs than one global batch: the recipe skips the pair call, so a's right sample goes to the SFT call
     assert calls("mpo.objective=mpo", "mpo.sft_unpaired=true", batch=())[1] == ("rft", 3, ["a", "b", "b"])
 

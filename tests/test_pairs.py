@@ -226,6 +226,22 @@ def test_rft_examples_take_the_chosen_check():
     assert chosen("perceived", cap=1) == [("g1", WORKED), ("q1", JUMP)]
 
 
+def test_rft_examples_repeat_the_prompts_that_also_drew_a_wrong_sample():
+    """g1 drew a right chain twice (one distinct text) and a wrong one, q1 only right ones: with mixed_repeats=3,
+    g1's example is listed 3 times (after all first copies), q1's once; every copy has its own pair_id."""
+    plain = {"id": "q1", "question": "How many?", "images": [], "answer": "3", "kind": "qa", "meta": None}
+    prompts = {"g1": GRID, "q1": plain}
+    rows = [{"prompt_id": pid, "text": text, "correct": ok, "source": "rollout", "round": 1, "policy_version": 0,
+             "final_answer": None, "token_ids": None, "logprobs": None, "sample_index": i}
+            for i, (pid, text, ok) in enumerate([("g1", WORKED, True), ("g1", WRONG, False), ("g1", WORKED, True),
+                                                 ("q1", JUMP, True)])]
+    once = rft_examples(rows, prompts, max_per_prompt=8)
+    thrice = rft_examples(rows, prompts, max_per_prompt=8, mixed_repeats=3)
+    assert [(e.prompt_id, e.chosen) for e in once] == [("g1", WORKED), ("q1", JUMP)]
+    assert [(e.prompt_id, e.chosen) for e in thrice] == [("g1", WORKED), ("q1", JUMP), ("g1", WORKED), ("g1", WORKED)]
+    assert len({e.pair_id for e in thrice}) == 4 and thrice[:2] == once
+
+
 def test_pairs_stage_reads_the_row_meta_select_kept():
     """rollout_pipeline wiring without Ray: _select carries a generated task's meta into the work row, and _pairs
     builds the chosen-side check from it (a correct glance answer has no chain: dropped under "consistent")."""
