@@ -309,9 +309,11 @@ def rft_examples(rollout_rows: list[dict], prompts_by_id: dict[str, dict], *, ma
     """
     seen: dict[str, set] = {}
     checkers: dict[str, object] = {}  # prompt id -> chosen_ok or None, built once per prompt
-    out = []
+    out, mixed = [], set()  # mixed: prompts that drew a wrong sample
     for r in rollout_rows:
         prompt = prompts_by_id.get(r["prompt_id"])
+        if r.get("correct") is False and r.get("source") == "rollout":
+            mixed.add(r["prompt_id"])
         if not r.get("correct") or r.get("source") != "rollout" or prompt is None:
             continue
         texts = seen.setdefault(r["prompt_id"], set())
@@ -329,7 +331,6 @@ def rft_examples(rollout_rows: list[dict], prompts_by_id: dict[str, dict], *, ma
             chosen=r["text"], rejected=None, round=int(r["round"]), policy_version=int(r["policy_version"]),
             gold_answer=prompt.get("answer"), chosen_answer=r.get("final_answer"), chosen_correct=True,
             chosen_token_ids=r.get("token_ids"), chosen_logprobs=r.get("logprobs")))
-    mixed = {r["prompt_id"] for r in rollout_rows if r.get("source") == "rollout" and r.get("correct") is False}
     repeats = [dataclasses.replace(e, pair_id=PreferencePair.make_id(e.prompt_id, f"sft#{k}", e.chosen, None))
                for k in range(1, mixed_repeats) for e in out if e.prompt_id in mixed]
     return out + repeats
