@@ -260,7 +260,8 @@ def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
     SFT) that pass the chosen-side check (pairs.chosen_check). With mpo.sft_unpaired, a preference round is followed
     by an SFT call on the checked samples of the prompts that gave no pair (all samples right): the chains RFT would
     learn from that the pairs leave out; with mpo.sft_paired also the paired prompts' (all RFT would learn from).
-    mpo.rft_mixed_repeats lists the examples of prompts that also drew a wrong sample that many times."""
+    With objective rft, mpo.rft_mixed_repeats lists the examples of prompts that also drew a wrong sample that many
+    times (the preference objectives' SFT call lists each once: their pairs already train those prompts)."""
     import pyarrow.parquet as pq
 
     from mpo_online.pairs import rft_examples
@@ -273,7 +274,8 @@ def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
             return calls
     examples = rft_examples(pq.read_table(rdir / "rollouts.parquet").to_pylist(), prompts_by_id,
                             max_per_prompt=cfg.pairs.max_pairs_per_prompt, cot_instruction=cfg.data.cot_instruction,
-                            chosen_check=cfg.pairs.chosen_check, mixed_repeats=cfg.mpo.rft_mixed_repeats)
+                            chosen_check=cfg.pairs.chosen_check,
+                            mixed_repeats=cfg.mpo.rft_mixed_repeats if not calls else 1)
     if calls and calls[0].rows >= cfg.trainer.global_batch_size and not cfg.mpo.sft_paired:
         # (a pair call too small to run is skipped: then its prompts' samples go to the SFT call as well)
         paired = set(pq.read_table(calls[0].path, columns=["prompt_id"]).column("prompt_id").to_pylist())

@@ -91,9 +91,10 @@ class MPOConfig(_Section):
     # the preference terms' larger gradients set Adam's step size, and the SFT term hardly moves the chosen chains
     # (README, "Why MPO trailed RFT, and mpo.sft_paired"); a call of its own gives SFT its own steps
     sft_paired: bool = False
-    # not in the paper: RFT's examples (objective rft, or the sft_unpaired call) from prompts that also drew a wrong
-    # sample are trained this many times a round. Those are the prompts the policy still gets wrong, and training
-    # their checked chains twice is what moved MPO + sft_paired and its SFT-only control (README)
+    # not in the paper: with objective rft, the examples of prompts that also drew a wrong sample are trained this
+    # many times a round. Those are the prompts the policy still gets wrong, and training their checked chains twice
+    # is what moved MPO + sft_paired and its SFT-only control (README). The preference objectives' SFT call
+    # (sft_unpaired) lists every chain once: their pairs train those prompts already
     rft_mixed_repeats: int = Field(1, ge=1, le=8)
 
     @model_validator(mode="after")

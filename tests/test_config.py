@@ -176,6 +176,9 @@ def test_training_calls_add_the_unpaired_prompts_sft_after_the_pairs(tmp_path):
     assert calls("mpo.objective=rft") == [("rft", 3, ["a", "b", "b"])]
     # mpo.rft_mixed_repeats: a drew a wrong sample, so its right one is trained twice (b's, all right, once)
     assert calls("mpo.objective=rft", "mpo.rft_mixed_repeats=2") == [("rft", 4, ["a", "a", "b", "b"])]
+    # ... RFT's knob only: a preference objective's SFT call lists every chain once
+    assert calls("mpo.objective=mpo", "mpo.sft_unpaired=true", "mpo.sft_paired=true", "mpo.rft_mixed_repeats=2") == [
+        ("mpo", 1, ["a"]), ("rft", 3, ["a", "b", "b"])]
     # fewer pairs than one global batch: the recipe skips the pair call, so a's right sample goes to the SFT call
     assert calls("mpo.objective=mpo", "mpo.sft_unpaired=true", batch=())[1] == ("rft", 3, ["a", "b", "b"])
 
