@@ -275,7 +275,7 @@ def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
     examples = rft_examples(pq.read_table(rdir / "rollouts.parquet").to_pylist(), prompts_by_id,
                             max_per_prompt=cfg.pairs.max_pairs_per_prompt, cot_instruction=cfg.data.cot_instruction,
                             chosen_check=cfg.pairs.chosen_check,
-                            mixed_repeats=cfg.mpo.rft_mixed_repeats if not calls else 1)
+                            mixed_repeats=cfg.mpo.rft_mixed_repeats if cfg.mpo.objective == "rft" else 1)
     if calls and calls[0].rows >= cfg.trainer.global_batch_size and not cfg.mpo.sft_paired:
         # (a pair call too small to run is skipped: then its prompts' samples go to the SFT call as well)
         paired = set(pq.read_table(calls[0].path, columns=["prompt_id"]).column("prompt_id").to_pylist())
