@@ -8,10 +8,23 @@ evaluate, run_state, report, warm_start, tiny_model. The recipe that wires them 
 __version__ = "0.1.0"
 
 import os as _os
+import platform as _platform
 
-# Intel MKL picks its float kernels by CPU (AVX-512 on Intel, AVX2 on AMD), so the same training run can round
-# differently on two machines of the same kind, and a 500-step warm start of the tiny policy is sensitive to that
-# (README, "Reproducibility across machines of one kind"). One code path for every x86-64 machine with AVX2: MKL
-# reads this at its first call, so setting it here (before any matmul of a process that imports mpo_online) is
-# enough. An explicit setting wins.
-_os.environ.setdefault("MKL_CBWR", "AVX2")
+# One float code path for every x86-64 machine of a kind, whatever its vector width. Machines of this project's kind
+# come with AVX-512 or with AVX2 only, and the libraries pick kernels by CPU: Intel MKL (matmuls: AVX-512 on Intel,
+# AVX2 on AMD), ATen's vectorised element-wise and reduction kernels (AVX-512 where present) and oneDNN. Each rounds
+# differently, and a 500-step warm start of the tiny policy amplifies a last-bit difference into a different policy
+# (docs: "Reproducibility across machines"). Pinning all three to AVX2 makes the same run compute the same bits on
+# both (tests/test_trainer.py::test_same_bits_as_recorded_on_the_development_machine). The pins must be in the
+# environment before a process's first tensor op (each library reads them once): importing mpo_online first is
+# enough, and Ray workers inherit them (trainer.launch.worker_runtime_env passes them explicitly too). An explicit
+# setting wins; CUDA kernels are unaffected.
+PINNED_CPU_ENV = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+if _platform.machine().lower() in ("x86_64", "amd64"):
+    for _k, _v in PINNED_CPU_ENV.items():
+        _os.environ.setdefault(_k, _v)
+
+
+def pinned_cpu_env() -> dict:
+    """The numerics pins as this process has them (to hand to Ray workers started elsewhere)."""
+    return {k: _os.environ[k] for k in PINNED_CPU_ENV if k in _os.environ}

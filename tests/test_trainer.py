@@ -279,20 +279,23 @@ def test_mpo_zero0_first_step_skip_nan_and_export(zero0_run, models):
     assert json.loads(open(os.path.join(r.policy_dir, "mpo_train.json")).read())["objective"] == "mpo"
 
 
-# sha256 of model.safetensors as recorded on the development machine (AMD EPYC, AVX-512, 2 cores; torch 2.13.0+cpu,
-# constraints.txt): the tiny VLM as built, and after the ZeRO-0 run above (2 workers on gloo, 2 AdamW steps).
-# CI runs this on other machines of the kind: a mismatch there is the cross-machine float difference README's
-# "Reproducibility" names, caught in a 2-step run instead of a warm start's accuracy.
+# sha256 of model.safetensors: the tiny VLM as built, and after the ZeRO-0 run above (2 workers on gloo, 2 AdamW
+# steps); torch 2.13.0+cpu (constraints.txt), with mpo_online's float pins (MKL_CBWR=AVX2, ATEN_CPU_CAPABILITY=avx2,
+# ONEDNN_MAX_CPU_ISA=AVX2: mpo_online/__init__.py). Recorded on an Intel Xeon with AVX-512 (Sapphire Rapids), where the
+# pins make MKL, ATen and oneDNN run the kernels an AVX2-only machine runs. Without them this machine ended the 2 steps
+# in b39f0b62... (as an AMD EPYC with AVX-512 did), with only ATen forced to AVX2 in 4ddd6a4f..., and an AVX2-only
+# machine in other bits again: a difference that a 500-step warm start amplifies into a different policy.
 BUILT_SHA = "a9b26b6bf57860cde5ecaec29c581d14dcd27cf69574913dd6479deaa4c71e92"
-TRAINED_SHA = "b39f0b626f98195cdc4e043003a3a3e1379ebb2b4f1f9ac25b3f8307c476da3e"
+TRAINED_SHA = "893d534d2e859ca37dcefe6ae11d453e31f410aebfb99681e8de9d86c1b6a182"
 
 
 def test_same_bits_as_recorded_on_the_development_machine(zero0_run, models):
     import torch
 
+    from mpo_online import pinned_cpu_env
     from mpo_online.run_state import sha256_file
     where = (f"torch {torch.__version__}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-             f"MKL_CBWR={os.environ.get('MKL_CBWR')}")
+             f"pins {pinned_cpu_env()}")
     built = sha256_file(os.path.join(models["vlm"], "model.safetensors"))
     assert built == BUILT_SHA, f"the tiny model builds to other bits here ({where}): {built}"
     trained = sha256_file(os.path.join(zero0_run.policy_dir, "model.safetensors"))

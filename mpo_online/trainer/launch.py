@@ -146,9 +146,10 @@ def call_record(run_name: str, out_dir: Path, config: dict, metrics: dict, state
 
 def worker_runtime_env() -> dict:
     """Workers import mpo_online by module path; make that work without an installed package too."""
+    from mpo_online import pinned_cpu_env
     pkg_root = str(Path(__file__).resolve().parents[2])
     return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p),
-                         "MKL_CBWR": os.environ.get("MKL_CBWR", "AVX2")}}   # see mpo_online/__init__.py
+                         **pinned_cpu_env()}}   # the same float code path as the driver: see mpo_online/__init__.py
 
 
 def prepare_dataset(dataset, *, pairs: bool, seed: int, shuffle: bool = True):
