@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     serve_boot.start()
     console.phase(0, "warm start", watch=train_progress_watcher(run.root / "warm_start_train"))
     warm = warm_start_from_config(cfg, force=True, evaluate_offline=False, session=session)  # run dir checked above
-    console.done(warm.get("train") or "policy v0 from an earlier session")
+    console.done(warm.get("train") or warm.get("note") or "policy v0 from an earlier session")
     train_rows, quarantine = load_prompts(f"{warm['data']}/train.parquet",
                                           quarantine_path=run.root / "prompts_rejects.jsonl")
     prompts = to_ray_dataset(train_rows)

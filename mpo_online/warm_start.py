@@ -135,6 +135,8 @@ def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool =
     run = RunDir.open(cfg.loop.run_dir, cfg, force=force)
     base = ensure_model(cfg.model.path, init_if_missing=cfg.model.init_if_missing, text_only=cfg.model.text_only,
                         seed=cfg.model.seed, source=cfg.model.source)
+    from mpo_online.model_import import check_checkpoint
+    check_checkpoint(base)  # a clear error now, not a stack trace from inside vLLM once the engines start
     data = ensure_tasks(cfg.data.dir, generate_if_missing=cfg.data.generate_if_missing, n_train=cfg.data.n_train,
                         n_heldout=cfg.data.n_heldout, seed=cfg.data.seed, levels=cfg.data.levels,
                         max_count=cfg.data.max_count, open_fraction=cfg.data.open_fraction, task=cfg.data.task)
@@ -144,6 +146,7 @@ def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool =
         if not cfg.warm_start.enabled:
             import shutil
             shutil.copytree(base, out)
+            result["note"] = f"policy v0 = {base} as it is (warm_start.enabled: false)"
         else:
             result["train"] = _train_warm_start(cfg, run, base=base, data=data, out=out, session=session)
             (run.root / "warm_start.json").write_text(json.dumps(result, indent=1, default=str))

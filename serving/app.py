@@ -39,7 +39,8 @@ def serving_kwargs(serving, resources=None) -> dict[str, Any]:
               max_model_len=serving.max_model_len, max_num_seqs=serving.max_num_seqs, kv_cache_gb=serving.kv_cache_gb,
               enforce_eager=serving.enforce_eager, tensor_parallel_size=serving.tensor_parallel_size, device=serving.device,
               gpu_memory_utilization=serving.gpu_memory_utilization, admin_token=serving.admin_token,
-              max_image_bytes=serving.max_image_bytes, max_prompt_chars=serving.max_prompt_chars)
+              max_image_bytes=serving.max_image_bytes, max_prompt_chars=serving.max_prompt_chars,
+              cpu_cores_per_replica=serving.cpu_cores_per_replica)
     if resources is not None:
         kw.update(replica_cpus=resources.serve_replica_cpus, replica_gpus=resources.serve_replica_gpus)
     return kw

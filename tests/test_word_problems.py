@@ -83,3 +83,31 @@ def test_ensure_tasks_refuses_a_directory_of_other_parameters(tmp_path):
 def test_bad_levels_are_refused():
     with pytest.raises(ValueError, match="levels"):
         generate_problems(3, seed=0, levels=(5,))
+
+
+# --- checkpoints the loop refuses before starting (mpo_online.model_import.check_checkpoint) ----------------------
+
+def _checkpoint(tmp_path, arch, template=True):
+    d = tmp_path / arch
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"} if template else {}))
+    return d
+
+
+def test_check_checkpoint_accepts_verified_and_registry_architectures(tmp_path):
+    from mpo_online.model_import import check_checkpoint
+    assert check_checkpoint(_checkpoint(tmp_path, "LlamaForCausalLM"), vllm_registry=set()) == {
+        "architecture": "LlamaForCausalLM", "verified": True}
+    assert check_checkpoint(_checkpoint(tmp_path, "Qwen2ForCausalLM"), vllm_registry={"Qwen2ForCausalLM"})[
+        "verified"] is False
+
+
+def test_check_checkpoint_refuses_what_the_loop_cannot_run(tmp_path):
+    from mpo_online.model_import import ModelImportError, check_checkpoint
+    with pytest.raises(ModelImportError, match="not supported by the installed vLLM"):
+        check_checkpoint(_checkpoint(tmp_path, "FooForCausalLM"), vllm_registry={"LlamaForCausalLM"})
+    with pytest.raises(ModelImportError, match="no chat template"):
+        check_checkpoint(_checkpoint(tmp_path, "LlamaForCausalLM", template=False), vllm_registry=set())
+    with pytest.raises(ModelImportError, match="not a Hugging Face checkpoint"):
+        check_checkpoint(tmp_path / "missing")
