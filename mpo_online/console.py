@@ -179,7 +179,8 @@ class Console:
             where = f"component logs (Ray, Serve, vLLM, Train, DeepSpeed) -> {logs.dir}/ (--verbose shows them here)"
         else:
             where = "--verbose: component logs are shown here"
-        console.line(f"mpo-online: {total_rounds} round(s), run dir {run_dir}; {where}")
+        from mpo_online.machine import machine_line
+        console.line(f"mpo-online: {total_rounds} round(s), run dir {run_dir}, on {machine_line()}; {where}")
         console.install_excepthook()
         console.start()
         return console

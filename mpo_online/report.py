@@ -27,6 +27,10 @@ class Reporter:
         path = self.root / "summary.json"
         return json.loads(path.read_text()).get("wall_seconds", 0.0) if path.exists() else 0.0
 
+    def _machines(self) -> list:
+        path = self.root / "summary.json"
+        return json.loads(path.read_text()).get("machines", []) if path.exists() else []
+
     def record_round(self, entry: dict, wall_seconds: float) -> None:
         """entry: {round, policy_version, eval: {...}, pairs: {...}, train: {...}, seconds: {...}}."""
         self.rounds[entry["round"]] = entry
@@ -34,7 +38,13 @@ class Reporter:
 
     def write(self, wall_seconds: float) -> None:
         rounds = [self.rounds[k] for k in sorted(self.rounds)]
-        summary = {"config_hash": self.config_hash, "wall_seconds": wall_seconds, "rounds": rounds}
+        from mpo_online.machine import describe_machine
+        # the machine each session of the run ran on (a resumed run may have moved): wall times depend on it
+        machines = self._machines()
+        if describe_machine() not in machines:
+            machines.append(describe_machine())
+        summary = {"config_hash": self.config_hash, "wall_seconds": wall_seconds, "machines": machines,
+                   "rounds": rounds}
         if rounds:
             first, last = rounds[0]["eval"], rounds[-1]["eval"]
             summary["accuracy_cot_gain"] = last.get("accuracy_cot", 0.0) - first.get("accuracy_cot", 0.0)
@@ -95,8 +105,11 @@ def _pct(x) -> str:
 
 
 def render_markdown(summary: dict) -> str:
+    from mpo_online.machine import machine_line
     lines = ["# mpo-online run report", "",
-             f"config hash `{summary['config_hash']}`, wall time {summary['wall_seconds']:.0f} s", "",
+             f"config hash `{summary['config_hash']}`, wall time {summary['wall_seconds']:.0f} s on "
+             f"{' then '.join(machine_line(m) for m in summary.get('machines') or []) or 'an unrecorded machine'}",
+             "",
              "| round | policy | CoT acc % | direct acc % | format fail % | pairs | train loss | delta | seconds |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rounds"]:

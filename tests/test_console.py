@@ -4,6 +4,7 @@ progress file, and the redirection of component output to <run_dir>/logs/ (in a 
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -151,7 +152,9 @@ def test_component_logs_keep_the_terminal_quiet(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1
     terminal = out.stdout.splitlines()
-    assert terminal[0].startswith(f"mpo-online: 2 round(s), run dir {tmp_path}; component logs")
+    from mpo_online.machine import machine_line
+    assert terminal[0].startswith(f"mpo-online: 2 round(s), run dir {tmp_path}, on {machine_line()}; component logs")
+    assert re.search(r", \d+ cores, (AVX-512|AVX2|other);", terminal[0])
     assert f"{tmp_path / 'logs'}/" in terminal[0]
     assert "ERROR [ray.serve] replica crashed" in terminal
     assert "ERROR [serve] ERROR engine died" in terminal

@@ -111,7 +111,9 @@ CONSOLE_LINE = re.compile(r"(mpo-online: |\[ *\d+:\d\d(:\d\d)?\] |round +CoT %|\
 def _assert_console_only(job_log: str, run: Path) -> None:
     """The driver's output is the loop's console; Ray / Serve / vLLM / Ray Data / Ray Train output is in <run>/logs/.
     (The job log starts with two lines of Ray's job manager: runtime env set-up and the entrypoint.)"""
-    header = f"mpo-online: 2 round(s), run dir {run}; component logs (Ray, Serve, vLLM, Train, DeepSpeed) -> "
+    from mpo_online.machine import machine_line
+    header = (f"mpo-online: 2 round(s), run dir {run}, on {machine_line()}; component logs (Ray, Serve, vLLM, Train, "
+              "DeepSpeed) -> ")
     assert header + f"{run}/logs/" in job_log
     foreign = [line for line in job_log[job_log.index(header):].splitlines() if not CONSOLE_LINE.match(line)]
     assert not foreign, foreign[:10]

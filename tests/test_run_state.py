@@ -95,4 +95,23 @@ def test_reporter_writes_summary_metrics_plot_and_markdown(tmp_path):
 def test_render_markdown_handles_missing_fields():
     md = render_markdown({"config_hash": "h", "wall_seconds": 1.0,
                           "rounds": [{"round": 0, "policy_version": 0, "eval": {}, "seconds": {}}]})
-    assert "| 0 | v0 | - | - | - | 0 | - | - | 0 |" in md
+    assert "| 0 | v0 | - | - | - | 0 | - | - | 0 |" in md and "on an unrecorded machine" in md
+
+
+def test_summary_and_report_name_the_machine(tmp_path):
+    """Wall times depend on the CPU's vector width (2-3x here): summary.json records the machine of each session
+    and report.md names it."""
+    from mpo_online.machine import describe_machine, machine_line
+    r = Reporter(tmp_path, "abc")
+    r.record_round({"round": 0, "policy_version": 0, "eval": {"accuracy_cot": 0.5}, "seconds": {"total": 1}}, 1.0)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["machines"] == [describe_machine()]
+    assert describe_machine()["vector"] in ("AVX-512", "AVX2", "other") and describe_machine()["cores"] >= 1
+    assert f"wall time 1 s on {machine_line()}" in (tmp_path / "report.md").read_text()
+    # a resumed run on another machine keeps both, in order
+    moved = {**describe_machine(), "cpu_model": "Other CPU", "vector": "AVX2"}
+    summary["machines"] = [moved]
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    Reporter(tmp_path, "abc").record_round({"round": 1, "policy_version": 1, "eval": {}, "seconds": {}}, 2.0)
+    assert json.loads((tmp_path / "summary.json").read_text())["machines"] == [moved, describe_machine()]
+    assert "Other CPU, " in (tmp_path / "report.md").read_text()
