@@ -12,6 +12,8 @@ Usage (it starts a Ray cluster: take the machine's Ray lock):
   flock /tmp/mpo-ray.lock python benchmarks/logprob_parity.py                  # tiny default + 120 quick SFT steps
   flock /tmp/mpo-ray.lock python benchmarks/logprob_parity.py --model runs/tiny_cpu/policies/v0000
   flock /tmp/mpo-ray.lock python benchmarks/logprob_parity.py --sft-steps 0    # random init (few or no pairs)
+  flock /tmp/mpo-ray.lock python benchmarks/logprob_parity.py --model artifacts/smollm2-135m --task word_problems \
+      --levels 1 --max-tokens 96 --max-model-len 1024      # the real model (mpo-online import-model) on text prompts
 Without --model the tiny default is built and given --sft-steps of in-process SFT on gold demonstrations: a random
 policy writes no "Final answer" and few whole words, so it would give neither correctness nor Dropout-NTP pairs.
 """
@@ -62,6 +64,11 @@ def main() -> None:
     p.add_argument("--open-fraction", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8125)
+    p.add_argument("--task", choices=("grid", "word_problems"), default="grid",
+                   help="prompts: synthetic grid images, or text word problems (for text models)")
+    p.add_argument("--cot-instruction", default=" Solve it step by step. End with a line of the form "
+                   "\"Final answer: <number>\".", help="appended to word problems")
+    p.add_argument("--max-model-len", type=int, default=512)
     a = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -77,15 +84,20 @@ def main() -> None:
     torch.set_num_threads(1)  # the engine shares the cores; more torch threads spin against it
     work = Path(tempfile.mkdtemp(prefix="logprob_parity-"))
     model, info = _policy(a, work)
-    tasks = generate_tasks(a.prompts, seed=a.seed + 7, levels=a.levels, open_fraction=a.open_fraction)
+    if a.task == "word_problems":
+        from mpo_online.word_problems import generate_problems
+        tasks = generate_problems(a.prompts, seed=a.seed + 7, levels=a.levels)
+    else:
+        tasks = generate_tasks(a.prompts, seed=a.seed + 7, levels=a.levels, open_fraction=a.open_fraction)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         client = start_policy_server(model, app_name="mpo-parity-bench", port=a.port, dtype="float32",
-                                     max_model_len=512, max_num_seqs=256, kv_cache_gb=1)
+                                     max_model_len=a.max_model_len, max_num_seqs=256, kv_cache_gb=1)
         t0 = time.time()
         stats = run_round(to_ray_dataset(tasks), client=client, round=0, policy_version=0, out_dir=work / "run",
                           samples_per_prompt=a.samples, temperature=a.temperature, max_tokens=a.max_tokens,
-                          prompts_per_round=a.prompts, seed=a.seed, policy_dir=model, batch_size=8)
+                          prompts_per_round=a.prompts, seed=a.seed, policy_dir=model, batch_size=8,
+                          cot_instruction=a.cot_instruction if a.task == "word_problems" else "")
         info["round_seconds"] = round(time.time() - t0, 1)
     finally:
         stop_policy_server("mpo-parity-bench")

@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     run = RunDir.open(cfg.loop.run_dir, cfg, force=args.force)
+    run.record_session(["python", "jobs/online_mpo.py", *(argv if argv is not None else sys.argv[1:])])
     console = Console.for_run(run.root, cfg.loop.rounds, verbose=args.verbose)
     reporter = Reporter(run.root, cfg.hash())
     t0 = time.time() - reporter.wall_seconds_so_far()

@@ -68,6 +68,28 @@ class RunDir:
             (run.root / sub).mkdir(exist_ok=True)
         return run
 
+    def record_session(self, argv: list[str]) -> dict:
+        """Append this session's command line, code commit, date and machine to <run>/sessions.jsonl: what a results
+        table (mpo_online/results.py) cites for the run's figures."""
+        import datetime
+        import subprocess
+
+        from mpo_online.machine import describe_machine
+        repo = Path(__file__).resolve().parents[1]
+
+        def git(*args):
+            try:
+                return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                                      timeout=10).stdout.strip() or None
+            except (OSError, subprocess.SubprocessError):
+                return None
+        entry = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "argv": list(argv), "commit": git("rev-parse", "--short=7", "HEAD"),
+                 "dirty": bool(git("status", "--porcelain", "--untracked-files=no")), "machine": describe_machine()}
+        with open(self.root / "sessions.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        return entry
+
     # --- policies -------------------------------------------------------------------------------------------------
     def policy_dir(self, version: int) -> Path:
         return self.root / "policies" / f"v{version:04d}"

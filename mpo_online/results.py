@@ -1,0 +1,89 @@
+"""Render results tables from run directories, so that no figure in the docs is typed by hand.
+
+    python -m mpo_online.results runs/smollm2_cpu runs/smollm2_rft > docs/results.md
+    python -m mpo_online.results --title "SmolLM2-135M, word problems" RUN [RUN ...]
+
+Each run directory (written by jobs/online_mpo.py) gives one row: the objective and model from its config.yaml,
+held-out greedy CoT accuracy per round and the gain over round 0 from summary.json, direct-answer accuracy and
+format failures at the last round, pairs and wall time per round, and from sessions.jsonl the command, the commit
+(marked "+dirty" when the tree had uncommitted changes), the date and the machine (CPU model, cores, AVX-512/AVX2: wall
+times change 2-3x between machines of this kind). Runs made before sessions.jsonl existed say "not recorded".
+Tested in tests/test_results.py on a fixture run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _read_run(run: Path) -> dict:
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
+    summary = json.loads((run / "summary.json").read_text())
+    sessions = [json.loads(line) for line in (run / "sessions.jsonl").read_text().splitlines() if line.strip()] \
+        if (run / "sessions.jsonl").exists() else []
+    return {"cfg": cfg, "rounds": summary.get("rounds", []), "sessions": sessions,
+            "machines": summary.get("machines") or [s["machine"] for s in sessions if s.get("machine")]}
+
+
+def run_row(run: Path) -> dict:
+    """The figures of one run directory, as a dict of display strings."""
+    from mpo_online.machine import machine_line
+
+    r = _read_run(run)
+    rounds = r["rounds"]
+    if not rounds:
+        raise ValueError(f"{run}: summary.json records no round")
+    cot = [x["eval"].get("accuracy_cot") for x in rounds]
+    last = rounds[-1]["eval"]
+    pairs = [sum((x.get("pairs") or {}).get("pairs", {}).values()) for x in rounds[1:]]
+    minutes = [x.get("seconds", {}).get("total", 0) / 60 for x in rounds[1:]]
+    s = r["sessions"][-1] if r["sessions"] else {}
+    commit = (s.get("commit") or "not recorded") + ("+dirty" if s.get("dirty") else "")
+    machines = list(dict.fromkeys(machine_line(m) for m in r["machines"])) or ["not recorded"]
+    return {"run": run.name, "objective": r["cfg"].get("mpo", {}).get("objective", "?"),
+            "model": Path(r["cfg"].get("model", {}).get("path", "?")).name,
+            "cot": " → ".join(_pct(c) for c in cot),
+            "gain": "-" if None in (cot[0], cot[-1]) else f"{100 * (cot[-1] - cot[0]):+.1f}",
+            "direct": _pct(last.get("accuracy_direct")), "format_fail": _pct(last.get("format_failure_rate")),
+            "n_heldout": str(last.get("n_qa", "-")), "pairs": ", ".join(str(p) for p in pairs) or "-",
+            "minutes": ", ".join(f"{m:.1f}" for m in minutes) or "-",
+            "command": " ".join(s.get("argv", [])) or "not recorded", "commit": commit,
+            "date": (s.get("started") or "")[:10] or "not recorded", "machine": "; ".join(machines)}
+
+
+def render(runs: list[Path], title: str = "Results") -> str:
+    rows = [run_row(Path(r)) for r in runs]
+    out = [f"# {title}", "",
+           "Rendered by `python -m mpo_online.results " + " ".join(str(r) for r in runs) + "` from the run "
+           "directories (summary.json, config.yaml, sessions.jsonl). Accuracy: held-out greedy, % of prompts.", "",
+           "| run | objective | model | CoT acc by round (0 = start) | gain | direct (last) | format fail (last) | "
+           "held-out | pairs per round | minutes per round |",
+           "|---|---|---|---|---:|---:|---:|---:|---|---|"]
+    for x in rows:
+        out.append(f"| {x['run']} | {x['objective']} | {x['model']} | {x['cot']} | {x['gain']} | {x['direct']} | "
+                   f"{x['format_fail']} | {x['n_heldout']} | {x['pairs']} | {x['minutes']} |")
+    out += ["", "| run | command | commit | date | machine |", "|---|---|---|---|---|"]
+    for x in rows:
+        out.append(f"| {x['run']} | `{x['command']}` | {x['commit']} | {x['date']} | {x['machine']} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--title", default="Results")
+    a = p.parse_args(argv)
+    sys.stdout.write(render([Path(r) for r in a.runs], a.title))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Results tables render themselves from run directories (mpo_online/results.py): a fixture run with two rounds."""
+
+import json
+
+import yaml
+
+from mpo_online.results import render, run_row
+
+MACHINE = {"cpu_model": "Test CPU", "cores": 2, "vector": "AVX2", "arch": "x86_64"}
+
+
+def _fixture_run(root, name="mpo_run", sessions=True):
+    run = root / name
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"mpo": {"objective": "mpo"},
+                                                     "model": {"path": "artifacts/smollm2-135m"}}))
+    rounds = [{"round": 0, "policy_version": 0, "eval": {"accuracy_cot": 0.01, "accuracy_direct": 0.01,
+                                                         "format_failure_rate": 0.77, "n_qa": 100}, "seconds": {}},
+              {"round": 1, "policy_version": 1, "pairs": {"pairs": {"correctness": 8}},
+               "eval": {"accuracy_cot": 0.07, "accuracy_direct": 0.06, "format_failure_rate": 0.59, "n_qa": 100},
+               "seconds": {"total": 607.3}},
+              {"round": 2, "policy_version": 2, "pairs": {"pairs": {"correctness": 20, "dropout_ntp": 4}},
+               "eval": {"accuracy_cot": 0.155, "accuracy_direct": 0.1, "format_failure_rate": 0.3, "n_qa": 100},
+               "seconds": {"total": 540.0}}]
+    (run / "summary.json").write_text(json.dumps({"config_hash": "h", "wall_seconds": 1200, "rounds": rounds,
+                                                  **({"machines": [MACHINE]} if sessions else {})}))
+    if sessions:
+        (run / "sessions.jsonl").write_text(json.dumps(
+            {"started": "2026-12-02T20:34:00+00:00", "argv": ["python", "jobs/online_mpo.py", "--config", "x.yaml"],
+             "commit": "abc1234", "dirty": True, "machine": MACHINE}) + "\n")
+    return run
+
+
+def test_a_run_row_carries_every_figure_and_where_it_came_from(tmp_path):
+    row = run_row(_fixture_run(tmp_path))
+    assert row["cot"] == "1.0 → 7.0 → 15.5" and row["gain"] == "+14.5"
+    assert (row["direct"], row["format_fail"], row["n_heldout"]) == ("10.0", "30.0", "100")
+    assert row["pairs"] == "8, 24" and row["minutes"] == "10.1, 9.0"
+    assert row["objective"] == "mpo" and row["model"] == "smollm2-135m"
+    assert row["commit"] == "abc1234+dirty" and row["date"] == "2026-12-02"
+    assert row["machine"] == "Test CPU, 2 cores, AVX2"
+    assert row["command"] == "python jobs/online_mpo.py --config x.yaml"
+
+
+def test_render_makes_both_tables_and_says_what_was_not_recorded(tmp_path):
+    old = _fixture_run(tmp_path, "old_run", sessions=False)
+    md = render([_fixture_run(tmp_path), old], title="Fixture")
+    assert md.startswith("# Fixture\n") and f"`python -m mpo_online.results {tmp_path / 'mpo_run'} {old}`" in md
+    assert "| mpo_run | mpo | smollm2-135m | 1.0 → 7.0 → 15.5 | +14.5 | 10.0 | 30.0 | 100 | 8, 24 | 10.1, 9.0 |" in md
+    assert "| old_run | `not recorded` | not recorded | not recorded | not recorded |" in md
