@@ -179,6 +179,10 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
                  "rounds/round_0001/sft_unpaired.parquet"):  # the two-stage warm start; the unpaired prompts' SFT
         assert (run / name).exists(), name
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    # every session of the killed-and-resumed run left its command, commit and machine (what results tables cite)
+    sessions = [json.loads(line) for line in (run / "sessions.jsonl").read_text().splitlines()]
+    assert len(sessions) >= 2 and all(s["argv"][:2] == ["python", "jobs/online_mpo.py"] and s["machine"]["cores"]
+                                      for s in sessions)
     logs = _client(cluster).get_job_logs("mpo-c")
     assert re.search(r"== round 2/2 done: CoT [\d.]+% \(was [\d.]+%\)", logs)
     assert re.search(r"\n1 +[\d.]+ +[\d.]+ +\d+ +[\d.]+\n2 +[\d.]+ +[\d.]+ +\d+ +[\d.]+\n", logs)  # rounds table
