@@ -13,7 +13,7 @@ and per-token log-probs (fp32, no Ray), and prints per policy:
 With --grad-norms it also prints, at the starting policy (where every reward is 0), the gradient norm of each of
 MPO's weighted terms over micro-batches of 8 pairs (rewards on the first differing token, as in learning_curve.yaml).
 
-This is what showed why MPO trailed RFT here (README, "Why MPO trailed RFT, and mpo.sft_paired"). Usage:
+This is what showed why MPO trailed RFT here (docs/experiments.md, "Why MPO trailed RFT, and `mpo.sft_paired`"). Usage:
   python benchmarks/pair_shift.py runs/X/rounds/round_0001 runs/X/policies/v0000 runs/X/policies/v0001 runs/Y/...
 The first policy is the one that sampled the round (the reference); run directories are not modified.
 """

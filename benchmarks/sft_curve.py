@@ -8,7 +8,7 @@ fine-tuning on gold demonstrations. This runs it in one process with plain PyTor
 same loss and batches as the trainer's SFT objective, fewer moving parts), on a freshly built tiny policy, and prints
 held-out greedy CoT accuracy (overall and per level) every `--eval-every` steps. With `--init DIR` it continues an
 existing policy instead (e.g. a warm start, to see how far a round-sized gold update moves it); `--steps` caps the
-run. Measured results are in the README.
+run. Measured results are in docs/experiments.md.
 """
 
 import argparse

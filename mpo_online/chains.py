@@ -9,7 +9,7 @@ A chain scans the 4x4 grid once per colour the question asks about, one characte
     3 + 2 = 5
     Final answer: 5
 
-Why this shape (each point was measured to matter for the tiny default policy; README "How the learning curve was found"):
+Why this shape (each point was measured to matter for the tiny default policy; docs/experiments.md, "How the learning curve was found"):
 - Every character of a scan line is a perception decision the answer depends on, so a chain whose final answer is
   right almost always read the image right: correct samples are correct for the right reason, and a preference
   pair differs exactly where the image was misread. (With a chain that names every cell's colour, a correct answer

@@ -37,7 +37,7 @@ class DataConfig(_Section):
     dir: str = "artifacts/tasks"  # holds train.parquet and heldout.parquet (the prompt schema, mpo_online.data)
     generate_if_missing: bool = True  # write synthetic tasks to `dir` when it has none
     # which synthetic family `generate_if_missing` writes: counting shapes in grid images (mpo_online/tasks.py; levels
-    # 1-3) or text-only arithmetic word problems (mpo_online/word_problems.py; levels 1-3, no max_count/open tasks)
+    # 1-3) or text-only arithmetic word problems (mpo_online/word_problems.py; levels 1-4, no max_count/open tasks)
     task: Literal["grid", "word_problems"] = "grid"
     n_train: int = Field(2000, gt=0)
     n_heldout: int = Field(200, gt=0)
@@ -95,11 +95,11 @@ class MPOConfig(_Section):
     sft_unpaired: bool = False
     # with sft_unpaired: that SFT call takes the paired prompts' checked samples too (all of RFT's data). In one loss
     # the preference terms' larger gradients set Adam's step size, and the SFT term hardly moves the chosen chains
-    # (README, "Why MPO trailed RFT, and mpo.sft_paired"); a call of its own gives SFT its own steps
+    # (docs/experiments.md, "Why MPO trailed RFT, and `mpo.sft_paired`"); a call of its own gives SFT its own steps
     sft_paired: bool = False
     # not in the paper: with objective rft, the examples of prompts that also drew a wrong sample are trained this
     # many times a round. Those are the prompts the policy still gets wrong, and training their checked chains twice
-    # is what moved MPO + sft_paired and its SFT-only control (README). The preference objectives' SFT call
+    # is what moved MPO + sft_paired and its SFT-only control (docs/experiments.md). The preference objectives' SFT call
     # (sft_unpaired) lists every chain once: their pairs train those prompts already
     rft_mixed_repeats: int = Field(1, ge=1, le=8)
 
@@ -145,7 +145,7 @@ class WarmStartConfig(_Section):
     glance_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of CoT demonstrations in glance style (synthetic)
     # a second SFT stage (0: none) from stage 1's policy: the next `stage2_examples` training prompts (those that
     # were text drills) with their images, at stage2_lr. It carries the tiny policy past its perception transition
-    # (README "The learning curve"), where its own checked chains can take it further.
+    # (docs/experiments.md, "How the learning curve was found"), where its own checked chains can take it further.
     stage2_examples: int = Field(0, ge=0)
     stage2_lr: float = Field(5e-4, gt=0.0)
 

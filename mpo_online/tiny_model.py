@@ -12,7 +12,7 @@ Sizing (why these numbers):
 - Images are 64x64 px, patch 16 -> a 4x4 patch grid; the task generator draws one shape per 16 px cell, so one patch
   sees one cell. scale_factor 1 (no pixel shuffle) keeps one image token per cell: 16 tokens. With SmolVLM's 2 (4
   cells per token) SFT on 2,000 tasks x 4 epochs reached 22% held-out accuracy (blind bound 19%); with one token per
-  cell and 16,000 fresh tasks, counting is learnt in ~1,000 steps (measured, README "The demo").
+  cell and 16,000 fresh tasks, counting is learnt in ~1,000 steps (measured, docs/experiments.md, "Session 6").
 - Text model: hidden 128, 2 heads of 64 (vLLM's CPU attention supports head sizes 32, 64, 80, ...; 16 fails at the
   first forward), 4 layers, MLP 512. With the vision tower this is ~1.24M parameters: a training step on a batch of
   ~150-token sequences takes milliseconds on 2 cores, and vLLM samples thousands of tokens per second.

@@ -4,7 +4,7 @@
 # MPO update -> hot-swap -> eval. Results land in runs/tiny_cpu/ (summary.json, report.md, accuracy.png).
 # Extra args are dotted config overrides, e.g. `bash scripts/demo.sh loop.rounds=3`. The terminal shows the loop's
 # progress; Ray / Serve / vLLM / Train output goes to runs/tiny_cpu/logs/ (`--verbose` shows it here instead).
-# `bash scripts/demo.sh --config jobs/configs/learning_curve.yaml` runs the ~33-minute learning curve instead (the
+# `bash scripts/demo.sh --config jobs/configs/learning_curve.yaml` runs the learning curve instead (the
 # last --config wins) into runs/learning_curve/.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
