@@ -7,7 +7,8 @@ Each run directory (written by jobs/online_mpo.py) gives one row: the objective 
 held-out greedy CoT accuracy per round and the gain over round 0 from summary.json, direct-answer accuracy and
 format failures at the last round, pairs and wall time per round, and from sessions.jsonl the command, the commit
 (marked "+dirty" when the tree had uncommitted changes), the date and the machine (CPU model, cores, AVX-512/AVX2: wall
-times change 2-3x between machines of this kind). Runs made before sessions.jsonl existed say "not recorded".
+times change 2-3x between machines of this kind). Runs made before sessions.jsonl existed say "not recorded"; a
+session line written afterwards carries a `note` saying so, which the table shows.
 Tested in tests/test_results.py on a fixture run.
 """
 
@@ -56,7 +57,8 @@ def run_row(run: Path) -> dict:
             "direct": _pct(last.get("accuracy_direct")), "format_fail": _pct(last.get("format_failure_rate")),
             "n_heldout": str(last.get("n_qa", "-")), "pairs": ", ".join(str(p) for p in pairs) or "-",
             "minutes": ", ".join(f"{m:.1f}" for m in minutes) or "-",
-            "command": " ".join(s.get("argv", [])) or "not recorded", "commit": commit,
+            "command": (" ".join(s.get("argv", [])) or "not recorded") + (f" ({s['note']})" if s.get("note") else ""),
+            "commit": commit,
             "date": (s.get("started") or "")[:10] or "not recorded", "machine": "; ".join(machines)}
 
 
