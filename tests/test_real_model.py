@@ -112,13 +112,13 @@ def round_dir(imported, served, tmp_path_factory):
     from mpo_online.data import to_ray_dataset
     from mpo_online.rollout_pipeline import run_round
     out = tmp_path_factory.mktemp("round")
-    # sums this small: about a fifth of the base model's samples end in a right "Final answer" (the rest miss the
-    # format or the sum), so nearly every prompt has right and wrong samples and gives correctness pairs
+    # sums this small: measured on 8 of them, 3 prompts had right and wrong samples (5% of samples right, 86% without
+    # a parseable "Final answer") and gave 6 pairs; 12 prompts make a round without 2 pairs very unlikely
+    sums = ((1, 2), (2, 2), (3, 1), (2, 4), (4, 3), (1, 5), (3, 3), (2, 1), (5, 2), (1, 1), (4, 4), (2, 3))
     tasks = [{"id": f"sum-{a}-{b}", "question": f"What is {a} + {b}?", "images": [], "answer": str(a + b),
-              "kind": "qa", "solution": None, "meta": None} for a, b in ((1, 2), (2, 2), (3, 1), (2, 4), (4, 3),
-                                                                        (1, 5), (3, 3), (2, 1))]
+              "kind": "qa", "solution": None, "meta": None} for a, b in sums]
     stats = run_round(to_ray_dataset(tasks, block_rows=4), client=served, round=1, policy_version=0, out_dir=out,
-                      samples_per_prompt=8, temperature=1.0, max_tokens=64, prompts_per_round=8,
+                      samples_per_prompt=8, temperature=1.0, max_tokens=64, prompts_per_round=len(tasks),
                       max_pairs_per_prompt=2, ntp_prefix_ratio=0.5, seed=5, policy_dir=imported["dir"],
                       batch_size=4, concurrency=2,
                       cot_instruction=" Solve it step by step. End with a line of the form \"Final answer: <number>\".")
@@ -129,7 +129,7 @@ def round_dir(imported, served, tmp_path_factory):
 def test_text_only_round_gives_pairs_with_engine_logprobs(round_dir):
     rollouts = pq.read_table(round_dir["dir"] / "rollouts.parquet").to_pylist()
     pairs = pq.read_table(round_dir["dir"] / "pairs.parquet").to_pylist()
-    assert len(rollouts) == 8 * 8 and all(not r["images"] for r in pairs)
+    assert len(rollouts) == 12 * 8 and all(not r["images"] for r in pairs)
     assert pairs and {p["kind"] for p in pairs} == {"correctness"}, round_dir["stats"]
     for p in pairs:
         assert p["chosen_token_ids"] and len(p["chosen_logprobs"]) == len(p["chosen_token_ids"])
