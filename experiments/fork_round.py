@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -48,6 +49,15 @@ def fork(src: Path, dst: Path, r: int) -> None:
     shutil.copy2(src / "run.json", dst / "run.json")
 
 
+def record_fork(src: Path, dst: Path, r: int, argv: list[str]) -> None:
+    """The fork is the new run's first session (sessions.jsonl; results tables list it before the recipe's)."""
+    from mpo_online.run_state import RunDir
+    entry = RunDir(dst).record_session(argv)
+    entry["note"] = f"policies v0-v{r - 1} and round {r}'s rollouts and pairs from {src}"
+    lines = (dst / "sessions.jsonl").read_text().splitlines()
+    (dst / "sessions.jsonl").write_text("\n".join(lines[:-1] + [json.dumps(entry)]) + "\n")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--from", dest="src", required=True)
@@ -55,6 +65,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     fork(Path(a.src), Path(a.out), a.round)
+    record_fork(Path(a.src), Path(a.out), a.round,
+                ["python", "experiments/fork_round.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"forked {a.src} before round {a.round}'s update into {a.out}")
 
 

@@ -7,7 +7,7 @@ Each run directory (written by jobs/online_mpo.py) gives one row: the objective 
 held-out greedy CoT accuracy per round and the gain over round 0 from summary.json, direct-answer accuracy and
 format failures at the last round, pairs and wall time per round, and from sessions.jsonl the command, the commit
 (marked "+dirty" when the tree had uncommitted changes), the date and the machine (CPU model, cores, AVX-512/AVX2: wall
-times change 2-3x between machines of this kind). Runs made before sessions.jsonl existed say "not recorded"; a
+times change 2-3x between machines of this kind); every session's command is listed, in order. Runs made before sessions.jsonl existed say "not recorded"; a
 session line written afterwards carries a `note` saying so, which the table shows.
 Tested in tests/test_results.py on a fixture run.
 """
@@ -49,6 +49,9 @@ def run_row(run: Path) -> dict:
     minutes = [x.get("seconds", {}).get("total", 0) / 60 for x in rounds[1:]]
     s = r["sessions"][-1] if r["sessions"] else {}
     commit = (s.get("commit") or "not recorded") + ("+dirty" if s.get("dirty") else "")
+    # every session's command in order (a forked run: the fork, then the recipe), each with its note if any
+    commands = ["`" + " ".join(x.get("argv", [])) + "`" + (f" ({x['note']})" if x.get("note") else "")
+                for x in r["sessions"] if x.get("argv")]
     machines = list(dict.fromkeys(machine_line(m) for m in r["machines"])) or ["not recorded"]
     return {"run": run.name, "objective": r["cfg"].get("mpo", {}).get("objective", "?"),
             "model": Path(r["cfg"].get("model", {}).get("path", "?")).name,
@@ -57,8 +60,7 @@ def run_row(run: Path) -> dict:
             "direct": _pct(last.get("accuracy_direct")), "format_fail": _pct(last.get("format_failure_rate")),
             "n_heldout": str(last.get("n_qa", "-")), "pairs": ", ".join(str(p) for p in pairs) or "-",
             "minutes": ", ".join(f"{m:.1f}" for m in minutes) or "-",
-            "command": (" ".join(s.get("argv", [])) or "not recorded") + (f" ({s['note']})" if s.get("note") else ""),
-            "commit": commit,
+            "command": " then ".join(commands) or "not recorded", "commit": commit,
             "date": (s.get("started") or "")[:10] or "not recorded", "machine": "; ".join(machines)}
 
 
@@ -75,7 +77,7 @@ def render(runs: list[Path], title: str = "Results") -> str:
                    f"{x['format_fail']} | {x['n_heldout']} | {x['pairs']} | {x['minutes']} |")
     out += ["", "| run | command | commit | date | machine |", "|---|---|---|---|---|"]
     for x in rows:
-        out.append(f"| {x['run']} | `{x['command']}` | {x['commit']} | {x['date']} | {x['machine']} |")
+        out.append(f"| {x['run']} | {x['command']} | {x['commit']} | {x['date']} | {x['machine']} |")
     return "\n".join(out) + "\n"
 
 

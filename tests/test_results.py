@@ -39,7 +39,7 @@ def test_a_run_row_carries_every_figure_and_where_it_came_from(tmp_path):
     assert row["objective"] == "mpo" and row["model"] == "smollm2-135m"
     assert row["commit"] == "abc1234+dirty" and row["date"] == "2026-12-02"
     assert row["machine"] == "Test CPU, 2 cores, AVX2"
-    assert row["command"] == "python jobs/online_mpo.py --config x.yaml"
+    assert row["command"] == "`python jobs/online_mpo.py --config x.yaml`"
 
 
 def test_render_makes_both_tables_and_says_what_was_not_recorded(tmp_path):
@@ -47,4 +47,14 @@ def test_render_makes_both_tables_and_says_what_was_not_recorded(tmp_path):
     md = render([_fixture_run(tmp_path), old], title="Fixture")
     assert md.startswith("# Fixture\n") and f"`python -m mpo_online.results {tmp_path / 'mpo_run'} {old}`" in md
     assert "| mpo_run | mpo | smollm2-135m | 1.0 → 7.0 → 15.5 | +14.5 | 10.0 | 30.0 | 100 | 8, 24 | 10.1, 9.0 |" in md
-    assert "| old_run | `not recorded` | not recorded | not recorded | not recorded |" in md
+    assert "| old_run | not recorded | not recorded | not recorded | not recorded |" in md
+
+
+def test_a_forked_run_lists_the_fork_then_the_recipe(tmp_path):
+    run = _fixture_run(tmp_path)
+    fork = {"started": "2026-12-02T21:00:00+00:00", "argv": ["python", "experiments/fork_round.py", "--from", "a"],
+            "commit": "abc1234", "dirty": False, "machine": MACHINE, "note": "round 1's rollouts from a"}
+    lines = (run / "sessions.jsonl").read_text()
+    (run / "sessions.jsonl").write_text(json.dumps(fork) + "\n" + lines)
+    assert run_row(run)["command"] == ("`python experiments/fork_round.py --from a` (round 1's rollouts from a) then "
+                                       "`python jobs/online_mpo.py --config x.yaml`")
