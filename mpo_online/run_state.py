@@ -68,7 +68,7 @@ class RunDir:
             (run.root / sub).mkdir(exist_ok=True)
         return run
 
-    def record_session(self, argv: list[str]) -> dict:
+    def record_session(self, argv: list[str], note: str | None = None) -> dict:
         """Append this session's command line, code commit, date and machine to <run>/sessions.jsonl: what a results
         table (mpo_online/results.py) cites for the run's figures."""
         import datetime
@@ -85,7 +85,8 @@ class RunDir:
                 return None
         entry = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "argv": list(argv), "commit": git("rev-parse", "--short=7", "HEAD"),
-                 "dirty": bool(git("status", "--porcelain", "--untracked-files=no")), "machine": describe_machine()}
+                 "dirty": bool(git("status", "--porcelain", "--untracked-files=no")), "machine": describe_machine(),
+                 **({"note": note} if note else {})}
         with open(self.root / "sessions.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
         return entry

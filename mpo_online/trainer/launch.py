@@ -149,7 +149,7 @@ def worker_runtime_env() -> dict:
     from mpo_online import pinned_cpu_env
     pkg_root = str(Path(__file__).resolve().parents[2])
     return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p),
-                         **pinned_cpu_env()}}   # the same float code path as the driver: see mpo_online/__init__.py
+                         **pinned_cpu_env()}}   # AVX2 kernels on every machine: see mpo_online/__init__.py
 
 
 def prepare_dataset(dataset, *, pairs: bool, seed: int, shuffle: bool = True):
