@@ -74,7 +74,7 @@ def report(by_seed: dict[int, dict]) -> str:
             continue
         k = min(len(r) for r in runs)  # rounds every seed has finished
 
-        def final(key):
+        def final(key, runs=runs, k=k):
             return [100 * r[k - 1]["eval"].get(key, float("nan")) for r in runs]
         m, se = mean_se(final("accuracy_cot"))
         curve = " / ".join(f"{sum(100 * r[i]['eval']['accuracy_cot'] for r in runs) / len(runs):.1f}"

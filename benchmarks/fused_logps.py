@@ -149,9 +149,10 @@ def main() -> None:
         return
 
     sys.path.insert(0, REPO)
-    from mpo_online.losses import DEFAULT_CHUNK_SIZE, DEFAULT_KEEP_BYTES   # noqa: E402
+    from mpo_online.losses import DEFAULT_CHUNK_SIZE, DEFAULT_KEEP_BYTES  # noqa: E402
     chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else [DEFAULT_CHUNK_SIZE]
-    print(f"N={args.n:,} H={args.h:,} V={args.v:,} fp32, threads={args.threads or 'default'}, {args.rounds} round(s) x {args.repeat} repeat(s), "
+    print(f"N={args.n:,} H={args.h:,} V={args.v:,} fp32, threads={args.threads or 'default'}, "
+          f"{args.rounds} round(s) x {args.repeat} repeat(s), "
           f"one process per variant per round; (N, V) fp32 = {args.n * args.v * 4 / 2**20:,.0f} MB, "
           f"(V, H) fp32 = {args.v * args.h * 4 / 2**20:,.0f} MB; fused keeps {DEFAULT_KEEP_BYTES / 2**20:,.0f} MB",
           flush=True)

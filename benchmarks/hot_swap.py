@@ -121,7 +121,8 @@ def main() -> None:
         med_reload = statistics.median(q["reload_s"] for q in quiet)
         result["quiet"] = {"median_publish_to_live_s": med_live, "median_publish_to_answer_s": med_answer,
                            "median_replica_swap_s": med_swap, "median_vllm_reload_s": med_reload,
-                           "gb_s_per_replica": nbytes / med_live / 1e9, "gb_s_aggregate": nbytes * args.replicas / med_live / 1e9}
+                           "gb_s_per_replica": nbytes / med_live / 1e9,
+                           "gb_s_aggregate": nbytes * args.replicas / med_live / 1e9}
 
         # ---- 2. bytes path
         v = args.swaps + 1

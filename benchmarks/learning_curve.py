@@ -46,7 +46,8 @@ def table(rounds: list[dict]) -> str:
             f"{pct(ev.get('accuracy_direct'))} | {pct(ev.get('chain_scanned'))} | {pct(ev.get('chain_consistent'))} | "
             f"{pct(ev.get('chain_perceived'))} | {pct(pairs.get('sample_accuracy'))} | {pct(pairs.get('pass_at_k'))} | "
             f"{sum((pairs.get('pairs') or {}).values()) if pairs else '-'} | "
-            f"{pct(chains.get('chosen_scanned'))} / {pct(chains.get('rejected_scanned'))} | {train.get('steps', '-')} | "
+            f"{pct(chains.get('chosen_scanned'))} / {pct(chains.get('rejected_scanned'))} | "
+            f"{train.get('steps', '-')} | "
             f"{(r.get('seconds') or {}).get('total', 0):.0f} |")
     first, last = rounds[0]["eval"], rounds[-1]["eval"]
     n = first.get("n_qa", 1)

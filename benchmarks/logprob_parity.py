@@ -108,7 +108,8 @@ def main() -> None:
     print(json.dumps({**info, "pairs": stats.pairs, "skipped": stats.skipped, "report": report}, indent=1))
     print(f"\n{'token kind':<22}{'tokens':>8}{'mean |d|':>12}{'max |d|':>12}")
     for kind, s in report["per_token"].items():
-        fmt = (lambda v: "-" if v is None else f"{v:.2e}")
+        def fmt(v):
+            return "-" if v is None else f"{v:.2e}"
         print(f"{kind:<22}{s['tokens']:>8}{fmt(s['mean_abs']):>12}{fmt(s['max_abs']):>12}")
     for path, s in report["per_sequence_sum"].items():
         print(f"per-sequence |sum d|, {path} path: mean {s['mean_abs']}, max {s['max_abs']} over {s['sequences']}")

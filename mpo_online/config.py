@@ -90,29 +90,47 @@ class MPOConfig(_Section):
     # differ, or only their first differing token (mpo_online/trainer/batching.py: a misread cell, not the chain
     # that follows from it)
     pref_span: Literal["sequence", "first_diff_line", "first_diff_token"] = "sequence"
-    # not in the paper: after a preference round's update, SFT on the checked samples of prompts that gave no pair
-    # (all samples right), so the round learns from every prompt RFT would (jobs/online_mpo.py training_calls)
-    sft_unpaired: bool = False
-    # with sft_unpaired: that SFT call takes the paired prompts' checked samples too (all of RFT's data). In one loss
-    # the preference terms' larger gradients set Adam's step size, and the SFT term hardly moves the chosen chains
-    # (docs/experiments.md, "Why MPO trailed RFT, and `mpo.sft_paired`"); a call of its own gives SFT its own steps
-    sft_paired: bool = False
-    # not in the paper: with objective rft, the examples of prompts that also drew a wrong sample are trained this
-    # many times a round. Those are the prompts the policy still gets wrong, and training their checked chains twice
-    # is what moved MPO + sft_paired and its SFT-only control (docs/experiments.md). The preference objectives' SFT call
-    # (sft_unpaired) lists every chain once: their pairs train those prompts already
-    rft_mixed_repeats: int = Field(1, ge=1, le=8)
 
-    @model_validator(mode="after")
-    def _sft_paired_needs_sft_unpaired(self):
-        if self.sft_paired and not self.sft_unpaired:
-            raise ValueError("mpo.sft_paired=true extends the mpo.sft_unpaired call: set mpo.sft_unpaired=true too")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        moved = {k: v for k, v in MOVED_TO_SFT.items() if isinstance(data, dict) and k in data}
+        if moved:
+            raise ValueError("; ".join(f"mpo.{k} is now sft.{v}" for k, v in moved.items())
+                             + " (the SFT/RFT scheduling knobs have a section of their own)")
+        return data
 
     def weights(self) -> tuple[float, float, float]:
         """(w_pref, w_quality, w_gen) the objective implies; `mpo` uses the configured weights."""
         return {"mpo": (self.w_pref, self.w_quality, self.w_gen), "dpo": (1.0, 0.0, 0.0),
                 "dpo_sft": (1.0, 0.0, 1.0), "rft": (0.0, 0.0, 1.0)}[self.objective]
+
+
+# mpo.<old key> -> sft.<new key>: refused under mpo with a message naming the new key
+MOVED_TO_SFT = {"sft_unpaired": "unpaired", "sft_paired": "paired", "rft_mixed_repeats": "mixed_repeats"}
+
+
+class SFTConfig(_Section):
+    """Which checked samples a round trains on with SFT, beside or instead of the preference pairs. Not in the paper;
+    each knob was measured on the tiny default (docs/experiments.md)."""
+    # after a preference round's update, SFT on the checked samples of prompts that gave no pair (all samples
+    # right), so the round learns from every prompt RFT would (jobs/online_mpo.py training_calls)
+    unpaired: bool = False
+    # with unpaired: that SFT call takes the paired prompts' checked samples too (all of RFT's data). In one loss the
+    # preference terms' larger gradients set Adam's step size, and the SFT term hardly moves the chosen chains
+    # (docs/experiments.md, "Why MPO trailed RFT, and `mpo.sft_paired`"); a call of its own gives SFT its own steps
+    paired: bool = False
+    # with mpo.objective rft, the examples of prompts that also drew a wrong sample are trained this many times a
+    # round. Those are the prompts the policy still gets wrong, and training their checked chains twice is what moved
+    # MPO + sft.paired and its SFT-only control (docs/experiments.md). The preference objectives' SFT call (unpaired)
+    # lists every chain once: their pairs train those prompts already
+    mixed_repeats: int = Field(1, ge=1, le=8)
+
+    @model_validator(mode="after")
+    def _paired_needs_unpaired(self):
+        if self.paired and not self.unpaired:
+            raise ValueError("sft.paired=true extends the sft.unpaired call: set sft.unpaired=true too")
+        return self
 
 
 class TrainerConfig(_Section):
@@ -195,6 +213,7 @@ class RunConfig(_Section):
     rollout: RolloutConfig = RolloutConfig()
     pairs: PairsConfig = PairsConfig()
     mpo: MPOConfig = MPOConfig()
+    sft: SFTConfig = SFTConfig()
     trainer: TrainerConfig = TrainerConfig()
     warm_start: WarmStartConfig = WarmStartConfig()
     serving: ServingConfig = ServingConfig()
@@ -202,7 +221,7 @@ class RunConfig(_Section):
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RunConfig":
+    def _consistent(self) -> RunConfig:
         t = self.trainer
         per_step = t.micro_batch_size * self.resources.train_workers
         if t.global_batch_size % per_step:

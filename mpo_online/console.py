@@ -29,8 +29,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mpo_online.component_logs import ComponentLogs
 
@@ -151,7 +151,7 @@ class Console:
     """The terminal view of a run; see the module docstring. Thread-safe: counters may come from any thread."""
 
     def __init__(self, total_rounds: int, *, stream=None, live: bool | None = None, clock=time.time,
-                 heartbeat: float = 30.0, logs: "ComponentLogs | None" = None):
+                 heartbeat: float = 30.0, logs: ComponentLogs | None = None):
         self.total = total_rounds
         self.stream = stream or sys.stdout
         self.live = bool(getattr(self.stream, "isatty", lambda: False)()) if live is None else live
@@ -169,7 +169,7 @@ class Console:
         self._ticker: threading.Thread | None = None
 
     @classmethod
-    def for_run(cls, run_dir, total_rounds: int, *, verbose: bool = False, stream=None) -> "Console":
+    def for_run(cls, run_dir, total_rounds: int, *, verbose: bool = False, stream=None) -> Console:
         """The recipe's console: unless verbose, component output goes to <run_dir>/logs/ (ComponentLogs)."""
         logs = None if verbose else ComponentLogs(Path(run_dir) / "logs")
         terminal = logs.start() if logs is not None else (stream or sys.stdout)

@@ -75,6 +75,7 @@ R_INVALID_ANSWER = "invalid_answer"  # list/dict/bool/NaN/empty string (use null
 R_INVALID_KIND = "invalid_kind"  # not "qa"/"open", or "qa" without an answer
 R_INVALID_IMAGES = "invalid_images"  # images of an unsupported type (e.g. a number)
 R_IMAGE_NOT_FOUND = "image_not_found"  # a path that does not exist (remote URLs are not fetched either)
+R_IMAGE_OUTSIDE_ROOT = "image_outside_root"  # a path leaving the data root (`../../etc/x`, an absolute path elsewhere)
 R_UNDECODABLE_IMAGE = "undecodable_image"  # bytes PIL cannot verify+load, or a broken data URL
 R_OVERSIZE_IMAGE = "oversize_image"  # width*height > max_pixels
 R_INVALID_SOLUTION = "invalid_solution"
@@ -142,7 +143,7 @@ def _question_text(q: Any, n_images: int) -> Any:
     return q
 
 
-def _load_image_ref(ref: str, base_dir: Path | None) -> bytes:
+def _load_image_ref(ref: str, base_dir: Path | None, root: Path | None = None) -> bytes:
     if ref.startswith("data:"):
         header, _, payload = ref.partition(",")
         if ";base64" not in header:
@@ -156,23 +157,27 @@ def _load_image_ref(ref: str, base_dir: Path | None) -> bytes:
     p = Path(ref.removeprefix("file://"))
     if not p.is_absolute() and base_dir is not None:
         p = base_dir / p  # relative paths are relative to the data file, not the working directory
+    # a data file must not make the reader open files elsewhere (`../../../etc/hostname`, `/root/.ssh/...`): paths
+    # resolve (symlinks too) inside the data root unless the caller allowed any path (root None)
+    if root is not None and not p.resolve().is_relative_to(root):
+        raise RowError(R_IMAGE_OUTSIDE_ROOT, f"{ref[:200]} resolves outside the data root {root}")
     if not p.is_file():
         raise RowError(R_IMAGE_NOT_FOUND, str(p))
     return p.read_bytes()
 
 
-def _image_bytes(item: Any, base_dir: Path | None) -> bytes:
+def _image_bytes(item: Any, base_dir: Path | None, root: Path | None = None) -> bytes:
     """One image in any accepted form -> its encoded bytes (not decoded here; validate_row does that)."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
     if isinstance(item, str):
-        return _load_image_ref(item, base_dir)
+        return _load_image_ref(item, base_dir, root)
     if isinstance(item, dict):  # HF datasets Image feature {"bytes", "path"}, or {"url": ...}
         if item.get("bytes") is not None:
-            return _image_bytes(item["bytes"], base_dir)
+            return _image_bytes(item["bytes"], base_dir, root)
         ref = item.get("path") or item.get("url")
         if isinstance(ref, str):
-            return _load_image_ref(ref, base_dir)
+            return _load_image_ref(ref, base_dir, root)
         raise RowError(R_INVALID_IMAGES, f"image dict without bytes/path/url: keys {sorted(item)}")
     if hasattr(item, "save") and hasattr(item, "size"):  # a PIL image (HF datasets with decode=True)
         buf = io.BytesIO()
@@ -206,25 +211,26 @@ def content_id(row: dict) -> str:
     return "sha-" + h.hexdigest()[:16]
 
 
-def normalize_row(row: dict, base_dir: str | Path | None = None) -> dict:
+def normalize_row(row: dict, base_dir: str | Path | None = None, image_root: str | Path | None = None) -> dict:
     """Map one raw row (our schema, MMPR or TRL style) onto PROMPT_SCHEMA's fields.
 
     Resolves aliases (ALIASES), chat-message prompts, image paths (relative to `base_dir`), data URLs, HF Image dicts
-    and PIL images into bytes; numbers into strings; a dict meta into JSON; a missing id into `content_id` (rather
-    than rejecting: ids only need to be unique and stable); a missing kind into "qa"/"open" from the answer; a missing
-    answer is taken from the solution's "Final answer:"/\\boxed{}/<answer> when present. Raises RowError only for what
-    cannot be represented (missing file, broken data URL, unsupported image type); everything else is left for
-    `validate_row` to judge.
+    and PIL images into bytes (with `image_root`, a path that resolves outside it is refused); numbers into strings;
+    a dict meta into JSON; a missing id into `content_id` (rather than rejecting: ids only need to be unique and
+    stable); a missing kind into "qa"/"open" from the answer; a missing answer is taken from the solution's
+    "Final answer:"/\\boxed{}/<answer> when present. Raises RowError only for what cannot be represented (missing
+    file, broken data URL, unsupported image type); everything else is left for `validate_row` to judge.
     """
     if not isinstance(row, dict):
         raise RowError(R_NOT_AN_OBJECT, type(row).__name__)
     base = Path(base_dir) if base_dir is not None else None
+    root = Path(image_root).resolve() if image_root is not None else None
     images = _first(row, ALIASES["images"])
     if images is None:
         images = []
     elif not isinstance(images, (list, tuple)):
         images = [images]  # a single image column (MMPR "image")
-    images = [_image_bytes(it, base) for it in images]
+    images = [_image_bytes(it, base, root) for it in images]
 
     solution = _first(row, ALIASES["solution"])
     answer = _answer_value(_first(row, ALIASES["answer"]))
@@ -413,16 +419,19 @@ def rows_from_ray(ds) -> list[dict]:
 
 
 def load_prompts(path_or_dir: str | Path, *, quarantine_path: str | Path | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[dict], QuarantineReport]:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, images_anywhere: bool = False,
+                 ) -> tuple[list[dict], QuarantineReport]:
     """Read parquet/JSONL prompts (a file, or a directory of them, recursively) -> (valid rows, QuarantineReport).
 
     No Ray: this is the driver-side half of `read_prompts`. Valid rows are normalised, in file order. Every other
     record is appended to `quarantine_path` as one JSON line {"id", "source", "index" (0-based row / line number),
     "reason", "detail", "row"}, "row" being the record as read (before normalisation) with bytes summarised.
     The quarantine file is always written (empty when nothing was bad) so a job can link it; without a path it goes
-    to the temp directory.
+    to the temp directory. Image paths in the data must resolve inside the data root (the directory given, or the
+    file's own directory) unless `images_anywhere`; rows that point elsewhere are quarantined (image_outside_root).
     """
     src = Path(path_or_dir)
+    root = None if images_anywhere else (src if src.is_dir() else src.parent)
     if quarantine_path is None:
         tag = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:8]
         quarantine_path = Path(tempfile.gettempdir()) / "mpo-online-quarantine" / f"{src.stem}-{tag}.jsonl"
@@ -440,7 +449,7 @@ def load_prompts(path_or_dir: str | Path, *, quarantine_path: str | Path | None 
                     bad, raw = (raw.reason, raw.detail), raw.raw
                 else:
                     try:
-                        row = normalize_row(raw, file.parent)
+                        row = normalize_row(raw, file.parent, image_root=root)
                         bad = check_row(row, max_pixels=max_pixels)
                     except RowError as e:
                         bad = (e.reason, e.detail)
@@ -461,8 +470,9 @@ def load_prompts(path_or_dir: str | Path, *, quarantine_path: str | Path | None 
 
 
 def read_prompts(path_or_dir: str | Path, *, quarantine_path: str | Path | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, block_rows: int = 256):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, block_rows: int = 256, images_anywhere: bool = False):
     """`load_prompts`, returned as (ray.data.Dataset in PROMPT_SCHEMA, QuarantineReport). Needs Ray initialised
     (or initialises a local one, as any Ray Data call does)."""
-    rows, report = load_prompts(path_or_dir, quarantine_path=quarantine_path, max_pixels=max_pixels)
+    rows, report = load_prompts(path_or_dir, quarantine_path=quarantine_path, max_pixels=max_pixels,
+                                images_anywhere=images_anywhere)
     return to_ray_dataset(rows, block_rows=block_rows), report

@@ -10,7 +10,7 @@ fields (the format `PolicyClient.generate` takes). Model output is only ever par
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from collections.abc import Callable
 
 from mpo_online.records import openai_messages
 from mpo_online.verify import answers_match, extract_final_answer

@@ -303,7 +303,7 @@ def rft_examples(rollout_rows: list[dict], prompts_by_id: dict[str, dict], *, ma
     `rollout_rows` are a round's rollouts.parquet rows (verdict in `correct`); continuations are not samples.
     `chosen_check` (config pairs.chosen_check): a correct sample failing the prompt's chosen-side check
     (chains.chosen_checker, from the prompt row's meta) is not an example, as it would not be a chosen response.
-    `mixed_repeats` (config mpo.rft_mixed_repeats): the examples of a prompt that also drew a wrong sample (a prompt
+    `mixed_repeats` (config sft.mixed_repeats): the examples of a prompt that also drew a wrong sample (a prompt
     the policy still gets wrong sometimes: one that gives correctness pairs) are listed this many times, each copy
     with its own pair_id, after all the first copies.
     """

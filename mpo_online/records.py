@@ -87,7 +87,7 @@ class RoundManifest:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "RoundManifest":
+    def from_json(cls, text: str) -> RoundManifest:
         data = json.loads(text)
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
@@ -244,7 +244,8 @@ def openai_messages(question: str, images: list[bytes], *, with_images: bool = T
     def image_url(i: int) -> dict:
         img = images[i]
         kind = "jpeg" if img[:3] == b"\xff\xd8\xff" else "png"
-        return {"type": "image_url", "image_url": {"url": f"data:image/{kind};base64," + base64.b64encode(img).decode()}}
+        url = f"data:image/{kind};base64," + base64.b64encode(img).decode()
+        return {"type": "image_url", "image_url": {"url": url}}
 
     if not with_images:
         return [{"role": "user", "content": [{"type": "text", "text": strip_placeholders(question)}]}]

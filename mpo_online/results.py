@@ -7,8 +7,9 @@ Each run directory (written by jobs/online_mpo.py) gives one row: the objective 
 held-out greedy CoT accuracy per round and the gain over round 0 from summary.json, direct-answer accuracy and
 format failures at the last round, pairs and wall time per round, and from sessions.jsonl the command, the commit
 (marked "+dirty" when the tree had uncommitted changes), the date and the machine (CPU model, cores, AVX-512/AVX2: wall
-times change 2-3x between machines of this kind); every session's command is listed, in order. Runs made before sessions.jsonl existed say "not recorded"; a
-session line written afterwards carries a `note` saying so, which the table shows.
+times change 2-3x between machines of this kind); every session's command is listed, in order. Runs made before
+sessions.jsonl existed say "not recorded"; a session line written afterwards carries a `note` saying so, which the
+table shows.
 Tested in tests/test_results.py on a fixture run.
 """
 

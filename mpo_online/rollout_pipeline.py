@@ -41,8 +41,16 @@ from pathlib import Path
 import pyarrow as pa
 
 from mpo_online.chains import CHOSEN_CHECKS, chosen_checker, row_meta
-from mpo_online.pairs import (correctness_pairs, derive_seed, drop_placeholder_samples, label_rollout, ntp_chosen,
-                              ntp_continuation_request, ntp_pair, sample_round_prompts)
+from mpo_online.pairs import (
+    correctness_pairs,
+    derive_seed,
+    drop_placeholder_samples,
+    label_rollout,
+    ntp_chosen,
+    ntp_continuation_request,
+    ntp_pair,
+    sample_round_prompts,
+)
 from mpo_online.records import PreferencePair, Rollout, openai_messages, write_text_atomic
 from mpo_online.round_outputs import RoundStats, collect_round, dead_row, interval_union, json_field
 

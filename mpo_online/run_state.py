@@ -51,7 +51,7 @@ class RunDir:
         self.root = Path(root)
 
     @classmethod
-    def open(cls, root: str | Path, cfg: RunConfig, *, force: bool = False) -> "RunDir":
+    def open(cls, root: str | Path, cfg: RunConfig, *, force: bool = False) -> RunDir:
         run = cls(root)
         run.root.mkdir(parents=True, exist_ok=True)
         info_path = run.root / "run.json"
@@ -83,7 +83,7 @@ class RunDir:
                                       timeout=10).stdout.strip() or None
             except (OSError, subprocess.SubprocessError):
                 return None
-        entry = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        entry = {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                  "argv": list(argv), "commit": git("rev-parse", "--short=7", "HEAD"),
                  "dirty": bool(git("status", "--porcelain", "--untracked-files=no")), "machine": describe_machine(),
                  **({"note": note} if note else {})}

@@ -32,8 +32,8 @@ import itertools
 import json
 import random
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mpo_online.chains import COLOR_LETTERS, describe_solution, glance_solution, worked_solution
 from mpo_online.records import IMAGE_PLACEHOLDER

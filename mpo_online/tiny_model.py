@@ -83,8 +83,14 @@ def build_model_dir(out: str | Path, *, text_only: bool = False, seed: int = 0, 
     `hidden / heads` must be a head size vLLM's CPU attention supports (32, 64, 80, 96, 112, 128, ...).
     """
     import torch
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
-                              Idefics3Processor, LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     head_dim = hidden // heads
     if head_dim not in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512):

@@ -6,9 +6,10 @@
 
 The reward function calls these on raw model output, i.e. hostile input, from Ray worker threads. So:
 - Nothing here calls eval, `sympify` or `parse_expr` (they eval strings). A small tokenizer and recursive-descent
-  parser (mpo_online/mathexpr.py) accept a safe subset (numbers, + - * / ^ **, brackets, unary minus, implicit multiplication, \\frac,
-  \\dfrac, \\sqrt, \\sqrt[n], pi, single-letter variables) and build a tiny expression tree: exact
-  `fractions.Fraction`s folded as they are built, and ("var" | "pi" | "add" | "mul" | "pow") tuples otherwise.
+  parser (mpo_online/mathexpr.py) accept a safe subset (numbers, + - * / ^ **, brackets, unary minus, implicit
+  multiplication, \\frac, \\dfrac, \\sqrt, \\sqrt[n], pi, single-letter variables) and build a tiny expression
+  tree: exact `fractions.Fraction`s folded as they are built, and ("var" | "pi" | "add" | "mul" | "pow") tuples
+  otherwise.
 - Every step is bounded by construction, not by a timeout (signal.alarm only works on the main thread; a process
   pool per call costs more than grading): raw input <= 1000 chars, parsed text <= 200 chars, <= 50 digits per
   number, nesting depth <= 50, exponents |p/q| with |p|, q <= 1000, exact powers only while (bits of base) * |n|
@@ -93,9 +94,7 @@ def extract_final_answer(text: str) -> str | None:
     if not isinstance(text, str):
         return None
     try:
-        last = None
-        for last in _FINAL_RE.finditer(text):
-            pass
+        last = max(_FINAL_RE.finditer(text), key=lambda m: m.start(), default=None)
         if last is not None:
             lines = text[last.end() :].split("\n", 2)
             for line in lines[:2]:

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 REGISTRY_NAMESPACE = "mpo_online"
 STALE_AFTER_S = 30.0  # a replica silent for longer (no poll, no report) is considered gone
@@ -142,7 +143,7 @@ class PolicyRegistry:
         if self._desired["gen"] <= seen_gen:
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self._touch(replica_id)
         return dict(self._desired)
@@ -170,8 +171,9 @@ class PolicyRegistry:
         return entry
 
 
-def get_registry(name: str, *, create: bool = True):
-    """The named registry actor (detached: it lives as long as the Serve app, not as long as a driver)."""
+def get_registry(name: str, *, create: bool = True, initial_version: int = 0):
+    """The named registry actor (detached: it lives as long as the Serve app, not as long as a driver).
+    `initial_version`: the version of the checkpoint the replicas boot from (used when this call creates it)."""
     import ray
 
     if not create:
@@ -184,7 +186,7 @@ def get_registry(name: str, *, create: bool = True):
     return ray.remote(PolicyRegistry).options(
         name=name, namespace=REGISTRY_NAMESPACE, lifetime="detached", get_if_exists=True,
         num_cpus=0, max_concurrency=1000, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-    ).remote()
+    ).remote(initial_version)
 
 
 def make_source(*, weights_dir: str | Path | None = None, weights_bytes: bytes | None = None) -> dict:
@@ -290,7 +292,10 @@ class ReplicaSync:
     async def apply(self, desired: dict) -> None:
         """Bring this replica to `desired`; on a reload error keep the gate closed and raise."""
         if desired["version"] > self.version:
-            await self._swap(desired["version"], desired["source"])
+            if desired["source"] is None:  # the registry's first version is the checkpoint this engine booted from
+                self.version = desired["version"]
+            else:
+                await self._swap(desired["version"], desired["source"])
         async with self._cond:
             self._paused = bool(desired["paused"])
             self._cond.notify_all()

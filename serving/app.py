@@ -37,7 +37,8 @@ def serving_kwargs(serving, resources=None) -> dict[str, Any]:
     """`start_policy_server` kwargs from config.ServingConfig (+ ResourcesConfig); drop `port` for build_policy_app."""
     kw = dict(port=serving.port, model_id=serving.model_id, replicas=serving.replicas,
               max_model_len=serving.max_model_len, max_num_seqs=serving.max_num_seqs, kv_cache_gb=serving.kv_cache_gb,
-              enforce_eager=serving.enforce_eager, tensor_parallel_size=serving.tensor_parallel_size, device=serving.device,
+              enforce_eager=serving.enforce_eager, tensor_parallel_size=serving.tensor_parallel_size,
+              device=serving.device,
               gpu_memory_utilization=serving.gpu_memory_utilization, admin_token=serving.admin_token,
               max_image_bytes=serving.max_image_bytes, max_prompt_chars=serving.max_prompt_chars,
               cpu_cores_per_replica=serving.cpu_cores_per_replica)
@@ -103,8 +104,10 @@ def policy_llm_config(model_path: str | Path, *, model_id: str = "policy", repli
 def build_policy_app(model_path: str | Path, *, model_id: str = "policy", replicas: int = 1,
                      app_name: str = DEFAULT_APP, admin_token: str | None = None, max_image_bytes: int = 4_000_000,
                      max_prompt_chars: int = 8_000, max_n: int = 64, cpu_cores_per_replica: int | None = None,
-                     **engine_options):
+                     served_from: dict | None = None, **engine_options):
     """The Serve application (ingress + PolicyServer replicas); `engine_options` go to `policy_llm_config`.
+
+    `served_from`: what `/v1/models` says about the served checkpoint (its run and policy version, dtype).
 
     `cpu_cores_per_replica`: on CPU, pin replica i's engine to cores [i*k, i*k+k) of its node (None: vLLM's
     automatic binding, which puts every engine of a node on the same cores).
@@ -127,7 +130,8 @@ def build_policy_app(model_path: str | Path, *, model_id: str = "policy", replic
     options = PolicyIngress.get_deployment_options([llm_config])
     options["ray_actor_options"] = {"num_cpus": 0, "runtime_env": llm_config.runtime_env}
     return serve.deployment(ingress_cls, **options).bind(
-        llm_deployments={model_id: server}, model_cards={model_id: to_model_metadata(model_id, llm_config)},
+        llm_deployments={model_id: server},
+        model_cards={model_id: to_model_metadata(model_id, llm_config, {"served_from": served_from or {}})},
         model_id=model_id, registry_name=registry, app_name=app_name,
         server_deployment=server_deployment_name(model_id), limits=limits, admin_token=admin_token)
 
@@ -142,10 +146,11 @@ def start_serve(*, host: str = "127.0.0.1", port: int = 8000) -> None:
 
 def start_policy_server(model_path: str | Path, *, app_name: str = DEFAULT_APP, route_prefix: str = "/",
                         host: str = "127.0.0.1", port: int = 8000, model_id: str = "policy",
-                        **app_options) -> PolicyClient:
+                        initial_version: int = 0, **app_options) -> PolicyClient:
     """Deploy the app (returns once every replica is up, at the latest published version) -> PolicyClient.
 
-    A fresh deployment gets a fresh registry (version 0 = `model_path`); redeploying a running app keeps it.
+    A fresh deployment gets a fresh registry (version `initial_version` = `model_path`; later publishes must be
+    newer); redeploying a running app keeps it.
     The HTTP proxy listens on host:port (Serve's HTTP options are fixed when Serve first starts in a cluster).
     """
     import ray
@@ -159,7 +164,7 @@ def start_policy_server(model_path: str | Path, *, app_name: str = DEFAULT_APP, 
     name = registry_name_for(app_name)
     if app_name not in serve.status().applications:
         _kill_registry(name)  # left over from an earlier run of a detached app: its versions do not apply
-    ray.get(get_registry(name).status.remote())  # create it before the replicas look for it
+    ray.get(get_registry(name, initial_version=initial_version).status.remote())  # before the replicas look for it
     app = build_policy_app(model_path, model_id=model_id, app_name=app_name, **app_options)
     serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
     return PolicyClient(app_name, model_id=model_id, base_url=f"http://{host}:{port}{route_prefix.rstrip('/')}/v1")
@@ -186,19 +191,54 @@ def _kill_registry(name: str) -> None:
         pass
 
 
+def checkpoint_dtype(model_dir: str | Path) -> str:
+    """The float type a checkpoint was saved in (config.json `dtype` / `torch_dtype`, top level or the text
+    model's), "float32" when it says none. vLLM's "auto" would serve a float32 checkpoint as bfloat16 on CPU."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for section in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(section.get(key), str) and section[key] in ("float32", "bfloat16", "float16"):
+                return section[key]
+    return "float32"
+
+
+def run_policy_of(model_dir: str | Path) -> dict:
+    """`<run>/policies/vNNNN` of a loop run -> {"run_dir", "policy_version"}; {} for any other checkpoint."""
+    import re
+
+    p = Path(model_dir).resolve()
+    m = re.fullmatch(r"v(\d+)", p.name)
+    if m and p.parent.name == "policies" and (p.parent.parent / "run.json").exists():
+        return {"run_dir": str(p.parent.parent), "policy_version": int(m.group(1))}
+    return {}
+
+
 def serve_main(model_dir: str | Path, port: int = 8000, replicas: int = 1, admin_token: str | None = None,
-               keep_alive: bool = True, host: str = "127.0.0.1", **app_options) -> PolicyClient:
-    """CLI entry (`mpo-online serve`): serve `model_dir` on host:port until Ctrl-C (or return if not keep_alive)."""
+               keep_alive: bool = True, host: str = "127.0.0.1", dtype: str | None = None,
+               **app_options) -> PolicyClient:
+    """CLI entry (`mpo-online serve`): serve `model_dir` on host:port until Ctrl-C (or return if not keep_alive).
+
+    A run's policy (`runs/x/policies/v0005`) is served as its own version (`policy@v5`, `x-policy-version: 5`; later
+    publishes must be newer); `dtype` None = the checkpoint's own, so the server answers as the evaluation did.
+    """
     import ray
 
-    if not Path(model_dir).exists():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if not (Path(model_dir) / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
+    dtype = dtype or checkpoint_dtype(model_dir)
+    origin = run_policy_of(model_dir)
+    version = origin.get("policy_version", 0)
     if not ray.is_initialized():
         ray.init()
     client = start_policy_server(model_dir, host=host, port=port, replicas=replicas, admin_token=admin_token,
+                                 dtype=dtype, initial_version=version,
+                                 served_from={"checkpoint": str(Path(model_dir).resolve()), "dtype": dtype, **origin},
                                  **app_options)
-    print(f"[serve] {client.model_id} at {client.base_url} ({replicas} replica(s)); "
-          f"admin routes {'on (Bearer token)' if admin_token else 'off'}", flush=True)
+    what = f"policy v{version} of run {origin['run_dir']}" if origin else f"checkpoint {model_dir}"
+    print(f"[serve] ready: {what} as {client.model_id}@v{version} ({dtype}) at {client.base_url} ({replicas} "
+          f"replica(s)); admin routes {'on (Bearer token)' if admin_token else 'off'}", flush=True)
     if not keep_alive:
         return client
     try:

@@ -30,8 +30,14 @@ from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.serve.llm import LLMServer
 
 from mpo_online.weight_sync import ReplicaSync, ReplicaUnavailable, get_registry
-from serving.validation import (InputError, Limits, check_messages, check_sampling, check_token_fields,
-                                decode_image_bytes)
+from serving.validation import (
+    InputError,
+    Limits,
+    check_messages,
+    check_sampling,
+    check_token_fields,
+    decode_image_bytes,
+)
 
 MAX_FAILED_SWAPS = 3  # consecutive failed reloads before check_health reports the replica dead (Serve replaces it)
 DEFAULT_MAX_TOKENS = 128

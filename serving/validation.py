@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded size cap: a small PNG can declare a huge canvas (decompression bomb)
+# the roles every chat template served here renders (SmolVLM's, SmolLM2's ChatML, the tiny policy's); anything else
+# ("tool", "wizard") would be rendered as something the model was never trained on, or dropped by the template
+CHAT_ROLES = ("system", "user", "assistant")
+IMAGE_PLACEHOLDER = "<image>"
 
 
 class InputError(ValueError):
@@ -78,15 +82,22 @@ def check_messages(messages: Any, limits: Limits) -> None:
         raise InputError(400, "messages must be a non-empty list", "messages")
     chars = 0
     for i, msg in enumerate(messages):
-        content = msg.get("content") if isinstance(msg, dict) else None
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role not in CHAT_ROLES:
+            raise InputError(400, f"unsupported role {role!r} (this server takes {', '.join(CHAT_ROLES)})",
+                             f"messages[{i}].role")
+        content = msg.get("content")
         if isinstance(content, str):
             chars += len(content)
             continue
+        images = slots = 0
         for j, part in enumerate(content or []):
             kind = part.get("type") if isinstance(part, dict) else None
             where = f"messages[{i}].content[{j}]"
+            images += kind in ("image_url", "image")
             if kind == "text":
                 chars += len(part.get("text") or "")
+                slots += (part.get("text") or "").count(IMAGE_PLACEHOLDER)
             elif kind == "image_url":
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, dict) else url
@@ -98,6 +109,10 @@ def check_messages(messages: Any, limits: Limits) -> None:
                 decode_image_bytes(bytes(img), limits.max_image_bytes, where)
             else:
                 raise InputError(400, f"unsupported content part type {kind!r} (text, image_url, image)", where)
+        # placeholders are optional (the template places the images); when the text has them, each image needs one
+        if slots and slots != images:
+            raise InputError(400, f"message has {images} image(s) for {slots} {IMAGE_PLACEHOLDER} placeholder(s)",
+                             f"messages[{i}].content")
     check_prompt_chars(chars, limits)
 
 

@@ -1,11 +1,24 @@
 """Tests for mpo_online.chains (render and check the synthetic tasks' chains) and for the image-placement convention
 (records.content_parts / prompt_question, data._question_text) the tasks rely on. Pure logic, no Ray."""
 
-from mpo_online.chains import (check_chain, chosen_checker, describe_solution, glance_solution, row_meta, scan_line,
-                                worked_solution)
+from mpo_online.chains import (
+    check_chain,
+    chosen_checker,
+    describe_solution,
+    glance_solution,
+    row_meta,
+    scan_line,
+    worked_solution,
+)
 from mpo_online.data import normalize_row
-from mpo_online.records import (PreferencePair, openai_messages, pair_to_row, row_to_pair, strip_placeholders,
-                                user_message)
+from mpo_online.records import (
+    PreferencePair,
+    openai_messages,
+    pair_to_row,
+    row_to_pair,
+    strip_placeholders,
+    user_message,
+)
 
 # Row-major 4x4 grid: r at cells 0, 7, 9; b at 4, 11; g at 15.
 CELLS = "r...b..r.r.b...g"

@@ -140,9 +140,9 @@ def test_rft_rounds_skip_dropout_ntp_continuations():
 
 def test_training_calls_add_the_unpaired_prompts_sft_after_the_pairs(tmp_path):
     """A round's data by hand: prompt a has a right and a wrong sample (so one pair), prompt b two right samples (no
-    pair), prompt c one wrong sample. mpo: one call on the pairs. mpo + mpo.sft_unpaired: the pairs, then an RFT
-    call on b's two right samples only (a's right sample is in its pair); + mpo.sft_paired: that call also takes a's.
-    rft: one call on a's and b's right samples; with mpo.rft_mixed_repeats=2, a's twice (a also drew a wrong one).
+    pair), prompt c one wrong sample. mpo: one call on the pairs. mpo + sft.unpaired: the pairs, then an RFT
+    call on b's two right samples only (a's right sample is in its pair); + sft.paired: that call also takes a's.
+    rft: one call on a's and b's right samples; with sft.mixed_repeats=2, a's twice (a also drew a wrong one).
     (A global batch of 1 row, so the one pair is a training call; with the default 32 it is not: see the end.)"""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -167,20 +167,24 @@ def test_training_calls_add_the_unpaired_prompts_sft_after_the_pairs(tmp_path):
         out = recipe.training_calls(load_config(None, [*batch, *overrides]), tmp_path, prompts)
         return [(c.objective, c.rows, sorted(pq.read_table(c.path).column("prompt_id").to_pylist())) for c in out]
     assert calls("mpo.objective=mpo") == [("mpo", 1, ["a"])]
-    assert calls("mpo.objective=mpo", "mpo.sft_unpaired=true") == [("mpo", 1, ["a"]), ("rft", 2, ["b", "b"])]
-    assert calls("mpo.objective=dpo", "mpo.sft_unpaired=true")[1] == ("rft", 2, ["b", "b"])
-    assert calls("mpo.objective=mpo", "mpo.sft_unpaired=true", "mpo.sft_paired=true") == [
+    assert calls("mpo.objective=mpo", "sft.unpaired=true") == [("mpo", 1, ["a"]), ("rft", 2, ["b", "b"])]
+    assert calls("mpo.objective=dpo", "sft.unpaired=true")[1] == ("rft", 2, ["b", "b"])
+    assert calls("mpo.objective=mpo", "sft.unpaired=true", "sft.paired=true") == [
         ("mpo", 1, ["a"]), ("rft", 3, ["a", "b", "b"])]
-    with pytest.raises(ValueError, match="mpo.sft_unpaired=true too"):
-        load_config(None, ["mpo.sft_paired=true"])
+    with pytest.raises(ValueError, match="sft.unpaired=true too"):
+        load_config(None, ["sft.paired=true"])
+    # the keys' old home is refused with their new names (a config written before the move fails loudly, not quietly)
+    with pytest.raises(ValueError, match="mpo.sft_unpaired is now sft.unpaired; mpo.rft_mixed_repeats is now "
+                                         "sft.mixed_repeats"):
+        load_config(None, ["mpo.sft_unpaired=true", "mpo.rft_mixed_repeats=2"])
     assert calls("mpo.objective=rft") == [("rft", 3, ["a", "b", "b"])]
-    # mpo.rft_mixed_repeats: a drew a wrong sample, so its right one is trained twice (b's, all right, once)
-    assert calls("mpo.objective=rft", "mpo.rft_mixed_repeats=2") == [("rft", 4, ["a", "a", "b", "b"])]
+    # sft.mixed_repeats: a drew a wrong sample, so its right one is trained twice (b's, all right, once)
+    assert calls("mpo.objective=rft", "sft.mixed_repeats=2") == [("rft", 4, ["a", "a", "b", "b"])]
     # ... RFT's knob only: a preference objective's SFT call lists every chain once
-    assert calls("mpo.objective=mpo", "mpo.sft_unpaired=true", "mpo.sft_paired=true", "mpo.rft_mixed_repeats=2") == [
+    assert calls("mpo.objective=mpo", "sft.unpaired=true", "sft.paired=true", "sft.mixed_repeats=2") == [
         ("mpo", 1, ["a"]), ("rft", 3, ["a", "b", "b"])]
     # fewer pairs than one global batch: the recipe skips the pair call, so a's right sample goes to the SFT call
-    assert calls("mpo.objective=mpo", "mpo.sft_unpaired=true", batch=())[1] == ("rft", 3, ["a", "b", "b"])
+    assert calls("mpo.objective=mpo", "sft.unpaired=true", batch=())[1] == ("rft", 3, ["a", "b", "b"])
 
 
 def test_round_train_metrics_sum_the_calls_of_a_round():

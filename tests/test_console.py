@@ -12,8 +12,17 @@ import time
 from pathlib import Path
 
 from mpo_online.component_logs import component_of
-from mpo_online.console import (Console, eval_summary, fmt_clock, fmt_seconds, report_train_progress,
-                                rollout_summary, rounds_table, train_progress_watcher, train_summary)
+from mpo_online.console import (
+    Console,
+    eval_summary,
+    fmt_clock,
+    fmt_seconds,
+    report_train_progress,
+    rollout_summary,
+    rounds_table,
+    train_progress_watcher,
+    train_summary,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

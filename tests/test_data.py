@@ -15,8 +15,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mpo_online.data import (PROMPT_SCHEMA, RowError, content_id, load_prompts, normalize_row, read_prompts,
-                             rows_from_ray, to_ray_dataset, validate_row)
+from mpo_online.data import (
+    PROMPT_SCHEMA,
+    RowError,
+    content_id,
+    load_prompts,
+    normalize_row,
+    read_prompts,
+    rows_from_ray,
+    to_ray_dataset,
+    validate_row,
+)
 
 
 def _img(size=(8, 8), color=(255, 0, 0), fmt="PNG") -> bytes:
@@ -141,6 +150,9 @@ BAD_JSONL = [  # (row, expected reason); rows are written as JSON lines
     ({"id": "b9", "question": "q", "kind": "qa"}, "invalid_kind"),
     ({"id": "b10", "question": "q", "images": ["data:image/png;base64,@@"]}, "undecodable_image"),
     ({"id": "b11", "question": "q", "meta": "{broken"}, "invalid_meta"),
+    # a real PNG beside the data directory: the data file may not reach it, relatively or absolutely
+    ({"id": "b12", "question": "q", "images": ["../outside.png"]}, "image_outside_root"),
+    ({"id": "b13", "question": "q", "images": ["OUTSIDE_ABS"]}, "image_outside_root"),
 ]
 
 
@@ -152,7 +164,10 @@ def data_dir(tmp_path):
     (d / "img" / "ok.jpg").write_bytes(JPEG)
     (d / "img" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     (d / "img" / "big.png").write_bytes(_img(size=(80, 80)))
-    lines = [json.dumps(r) for r in GOOD_JSONL[:2]] + [json.dumps(r) for r, _ in BAD_JSONL]
+    (tmp_path / "outside.png").write_bytes(PNG)
+    outside = str(tmp_path / "outside.png")
+    lines = [json.dumps(r) for r in GOOD_JSONL[:2]]
+    lines += [json.dumps(r).replace("OUTSIDE_ABS", outside) for r, _ in BAD_JSONL]
     lines += ["{not json", "[1, 2]", ""] + [json.dumps(r) for r in GOOD_JSONL[2:]]
     (d / "a.jsonl").write_text("\n".join(lines) + "\n")
     # HF datasets style parquet: a struct image column, `prompt`/`ground_truth` names, one bad row.
@@ -215,6 +230,23 @@ def test_load_prompts_needs_no_ray_and_matches(data_dir, tmp_path):
     assert [r["id"] for r in rows] == EXPECTED_IDS[:4]
     assert report.n_seen == 4 + len(BAD_JSONL) + 2
     assert (tmp_path / "q.jsonl").read_text().count("\n") == report.n_quarantined
+
+
+def test_image_paths_stay_inside_the_data_root_unless_allowed(data_dir, tmp_path):
+    (data_dir / "sub").mkdir()
+    (data_dir / "sub" / "x.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"id": "in", "question": "q", "images": ["../img/ok.png"]},  # leaves its file's folder, not the data root
+        {"id": "up", "question": "q", "images": ["../../outside.png"]},
+        {"id": "link", "question": "q", "images": ["ln.png"]})) + "\n")
+    (data_dir / "sub" / "ln.png").symlink_to(tmp_path / "outside.png")  # a symlink out counts as outside
+    rows, report = load_prompts(data_dir / "sub", quarantine_path=tmp_path / "q.jsonl")  # root: sub/
+    assert rows == [] and report.counts == {"image_outside_root": 3}
+    assert "outside the data root" in (tmp_path / "q.jsonl").read_text()
+    rows, report = load_prompts(data_dir, quarantine_path=tmp_path / "q.jsonl")
+    assert "in" in [r["id"] for r in rows]
+    assert report.counts["image_outside_root"] == 4  # b12, b13, up, link
+    rows, report = load_prompts(data_dir, quarantine_path=tmp_path / "q.jsonl", images_anywhere=True)
+    assert {"b12", "b13", "up", "link"} <= {r["id"] for r in rows} and "image_outside_root" not in report.counts
 
 
 def test_clean_data_writes_an_empty_quarantine_and_roundtrips(ray_local, tmp_path):

@@ -120,6 +120,27 @@ def _assert_console_only(job_log: str, run: Path) -> None:
     assert f"report  {run / 'report.md'}" in job_log and f"plot    {run / 'accuracy.png'}" in job_log
 
 
+# The engine's per-token log-probs of image prompts are not bit-reproducible from run to run on vLLM-CPU: four runs
+# of the same round from the same policy sampled the same tokens, and each two differed in the last bits of 12-26% of
+# the samples' log-probs (up to 7.6e-6 nats; never in a text-only sample; docs/experiments.md). Everything else a
+# round writes is compared exactly, those columns to 1e-4 (a wrong policy or token would be off by far more).
+LOGPROB_TOLERANCE = 1e-4
+
+
+def _assert_same_table(a: Path, b: Path) -> None:
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    assert ta.schema == tb.schema and ta.num_rows == tb.num_rows, a.name
+    for name in ta.schema.names:
+        x, y = ta.column(name).to_pylist(), tb.column(name).to_pylist()
+        if not name.endswith("logprobs"):
+            assert x == y, (a.name, name)
+            continue
+        for i, (u, v) in enumerate(zip(x, y)):
+            assert (u is None) == (v is None) and len(u or ()) == len(v or ()), (a.name, name, i)
+            assert max((abs(p - q) for p, q in zip(u or (), v or ())), default=0.0) <= LOGPROB_TOLERANCE, \
+                (a.name, name, i)
+
+
 def test_job_submit_kill_and_resume(cluster, tmp_path):
     from ray.job_submission import JobStatus
 
@@ -127,7 +148,7 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
     overrides = [f"loop.run_dir={run}", f"model.path={tmp_path / 'model'}", f"data.dir={tmp_path / 'tasks'}",
                  "loop.rounds=2", "data.n_train=512", "data.n_heldout=32", "warm_start.epochs=4",
                  "warm_start.micro_batch_size=8", "warm_start.global_batch_size=16", "warm_start.examples=256",
-                 "warm_start.text_drills=128", "warm_start.stage2_examples=128", "mpo.sft_unpaired=true",
+                 "warm_start.text_drills=128", "warm_start.stage2_examples=128", "sft.unpaired=true",
                  "rollout.prompts_per_round=32", "rollout.samples_per_prompt=4", "rollout.max_tokens=64",
                  "trainer.micro_batch_size=8", "trainer.global_batch_size=16", f"serving.port={_free_port()}"]
 
@@ -189,7 +210,7 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
     _assert_console_only(logs, run)
 
     # 4. the same run uninterrupted, from the same warm start: with fixed seeds it ends where the killed-and-resumed
-    # run ended (same pairs byte for byte, same round metrics, same weights)
+    # run ended (same samples and pairs, their engine log-probs to 1e-4; same round metrics; same weights, bit for bit)
     clean = tmp_path / "clean"
     (clean / "policies").mkdir(parents=True)
     shutil.copytree(run / "policies/v0000", clean / "policies/v0000")
@@ -207,8 +228,7 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
     for r in (1, 2):
         resumed, straight = _manifest(run, r), _manifest(clean, r)
         for name in ("pairs.parquet", "rollouts.parquet"):
-            rel = f"rounds/round_{r:04d}/{name}"
-            assert resumed["files"][rel] == straight["files"][rel], rel
+            _assert_same_table(run / f"rounds/round_{r:04d}/{name}", clean / f"rounds/round_{r:04d}/{name}")
         assert resumed["delta"] == straight["delta"]
         for key in ("accuracy_cot", "accuracy_direct", "format_failure_rate", "image_dependence"):
             assert resumed["stats"]["eval"][key] == straight["stats"]["eval"][key], (r, key)

@@ -6,9 +6,21 @@ from collections import Counter
 import pytest
 
 from mpo_online.chains import chosen_checker, row_meta, worked_solution
-from mpo_online.pairs import (correctness_pairs, dedupe_rollouts, derive_seed, drop_placeholder_samples,
-                              label_rollout, ntp_chosen, ntp_continuation_request, ntp_pair, ntp_prefix,
-                              prefix_token_count, rft_examples, sample_round_prompts, text_only_messages)
+from mpo_online.pairs import (
+    correctness_pairs,
+    dedupe_rollouts,
+    derive_seed,
+    drop_placeholder_samples,
+    label_rollout,
+    ntp_chosen,
+    ntp_continuation_request,
+    ntp_pair,
+    ntp_prefix,
+    prefix_token_count,
+    rft_examples,
+    sample_round_prompts,
+    text_only_messages,
+)
 from mpo_online.records import PreferencePair, Rollout
 
 PROMPT = {"id": "p1", "question": "How many red shapes are there?", "images": [b"png"], "answer": "3", "kind": "qa"}

@@ -6,7 +6,8 @@ The policy is the tiny default after SFT_STEPS steps of in-process SFT on gold d
 policy is also peaked, where log-softmax precision matters most). Sampling runs at temperature 1.15 so that off-format
 tokens, special tokens among them, still get sampled: the engine's log-probs are raw (temperature-free) ones, which
 the trainer must reproduce whatever the temperature. max_tokens 48 (a level-1 chain is ~39 tokens) cuts off part
-of the responses (the four-line image descriptions), so truncated responses (no EOS sampled) appear in correctness pairs.
+of the responses (the four-line image descriptions), so truncated responses (no EOS sampled) appear in correctness
+pairs.
 One Ray init and one Serve deployment for the module; about two minutes.
 """
 
@@ -14,7 +15,6 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-
 
 pytestmark = pytest.mark.integration
 

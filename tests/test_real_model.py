@@ -152,9 +152,8 @@ def test_two_mpo_steps_swap_into_the_engine_and_load_in_transformers(imported, s
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from mpo_online.trainer import train_policy
-
     from mpo_online.records import write_parquet_atomic
+    from mpo_online.trainer import train_policy
 
     out = round_dir["dir"].parent / "policy_v1"
     pairs = pq.read_table(round_dir["dir"] / "pairs.parquet")
@@ -166,7 +165,8 @@ def test_two_mpo_steps_swap_into_the_engine_and_load_in_transformers(imported, s
                      micro_batch_size=1, global_batch_size=2, lr=1e-5, weight_decay=0.05, warmup_ratio=0.0,
                      max_length=512, num_workers=2, worker_cpus=0.5)
     assert r.metrics["steps"] == min(4, pairs.num_rows) // 2 and r.metrics["skipped_nonfinite"] == 0
-    before, after = load_file(os.path.join(imported["dir"], "model.safetensors")), load_file(str(out / "model.safetensors"))
+    before = load_file(os.path.join(imported["dir"], "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
     assert set(before) == set(after) and any(not torch.equal(before[k], after[k]) for k in before)
 
     q = [{"messages": [{"role": "user", "content": PROMPTS[2]}], "temperature": 0.0, "max_tokens": 8,

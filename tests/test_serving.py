@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+
 class _Remote:
     """`obj.method.remote(...)` for an in-process object, like a Ray actor handle: submitted now, awaited later."""
 
@@ -147,8 +148,14 @@ def test_late_replica_starts_at_latest_version_and_pause_holds_requests():
 
 def test_validation_and_admin_route_map():
     from serving.ingress import endpoint_map
-    from serving.validation import (InputError, Limits, check_messages, check_sampling, check_token_fields,
-                                    decode_data_url)
+    from serving.validation import (
+        InputError,
+        Limits,
+        check_messages,
+        check_sampling,
+        check_token_fields,
+        decode_data_url,
+    )
 
     limits = Limits(max_prompt_chars=10, max_image_bytes=1000, max_model_len=64, max_n=4)
     assert not any(k.startswith("admin") for k in endpoint_map(admin=False))
@@ -172,6 +179,17 @@ def test_validation_and_admin_route_map():
     assert text_offsets("ab c", ["ab", "c"]) is None and text_offsets("ab", ["ab", "x"]) is None
     with pytest.raises(InputError, match="characters"):
         check_messages([{"role": "user", "content": "x" * 11}], limits)
+    with pytest.raises(InputError, match="role 'wizard'") as e:
+        check_messages([{"role": "wizard", "content": "hi"}], limits)
+    assert e.value.status == 400 and e.value.param == "messages[0].role"
+    png = _png(size=8)
+    two = [{"type": "text", "text": "<image>?"}, {"type": "image", "image": png}, {"type": "image", "image": png}]
+    with pytest.raises(InputError, match="2 image"):
+        check_messages([{"role": "user", "content": two}], Limits(max_image_bytes=10_000))
+    check_messages([{"role": "user", "content": two[1:] + [{"type": "text", "text": "?"}]}],  # no placeholders: fine
+                   Limits(max_image_bytes=10_000))
+    check_messages([{"role": "system", "content": "s"}, {"role": "user", "content": two[:2]}],  # one for one
+                   Limits(max_image_bytes=10_000))
     with pytest.raises(InputError, match="data: URL"):
         decode_data_url("http://example.com/a.png", 1000)
     with pytest.raises(InputError) as e:
@@ -381,15 +399,26 @@ def test_bad_inputs_get_4xx_and_server_keeps_serving(server):
         "n = 0": chat(n=0),
         "max_tokens huge": chat(max_tokens=10**9),
         "top_p 0": chat(top_p=0),
+        "unknown role": chat(messages=[{"role": "wizard", "content": "hello"}]),
+        "two images, one slot": chat(messages=[{"role": "user", "content": [
+            {"type": "text", "text": "Count <image>"}, {"type": "image_url", "image_url": {"url": _data_url(_png())}},
+            {"type": "image_url", "image_url": {"url": _data_url(_png())}}]}]),
     }
     bad["completion prompt too long"] = httpx.post(f"http://127.0.0.1:{server.port}/v1/completions", timeout=60,
                                                    json={"model": "policy", "prompt": "b" * 9000, "max_tokens": 4})
     for what, r in bad.items():
         assert 400 <= r.status_code < 500, (what, r.status_code, r.text)
-        assert r.json()["error"]["message"], what
+        message = r.json()["error"]["message"]
+        assert message and not _internal(message), (what, message)  # what was wrong, not the server's insides
     assert bad["oversized image"].status_code == 413 and bad["unknown model"].status_code == 404
     ok = chat()
     assert ok.status_code == 200 and ok.json()["model"].startswith("policy@v")
+
+
+def _internal(message: str) -> bool:
+    """Whether an error message shows the server's insides (tracebacks, module paths, terminal colours, pids)."""
+    return any(mark in message for mark in ("Traceback", "ray.llm", "File \"", "\x1b[", "pid=", "_internal")) \
+        or len(message) > 300
 
 
 @pytest.mark.slow
@@ -408,6 +437,9 @@ def test_admin_routes_require_token(server):
 
     r = httpx.post(f"{base}/publish", json=body, headers=good, timeout=120)
     assert r.status_code == 200, r.text
+    stale = httpx.post(f"{base}/publish", json={**body, "version": 0}, headers=good, timeout=60)
+    assert stale.status_code == 400 and stale.json()["error"]["param"] == "version"
+    assert stale.json()["error"]["message"] == f"version 0 is not newer than the published {body['version']}"
     server.weights_of[body["version"]] = "m2"
     assert set(server.client.replica_versions().values()) == {body["version"]}
 

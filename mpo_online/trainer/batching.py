@@ -62,7 +62,7 @@ class PairBatch:
         """Non-padding input tokens over all S sequences (prompt + image + response)."""
         return int(self.tensors["attention_mask"].sum())
 
-    def to(self, device, float_dtype=None) -> "PairBatch":
+    def to(self, device, float_dtype=None) -> PairBatch:
         """Move tensors to `device`; floating tensors (pixel_values) to `float_dtype` when given."""
         out = {}
         for k, v in self.tensors.items():
@@ -212,7 +212,7 @@ class PairCollator:
             self.span_of = first_diff_token_spans
 
     @classmethod
-    def from_pretrained(cls, model_dir, **kwargs) -> "PairCollator":
+    def from_pretrained(cls, model_dir, **kwargs) -> PairCollator:
         """Processor from `model_dir`; end-of-turn ids also from its generation_config.json when present; input
         placeholder ids from its config.json."""
         eos = []

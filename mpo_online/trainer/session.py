@@ -35,9 +35,18 @@ import traceback
 import uuid
 from pathlib import Path
 
-from mpo_online.trainer.launch import (TrainResult, _cached, call_record, check_objective, hyper_settings,
-                                       publish_in_place, train_columns, worker_config, worker_runtime_env,
-                                       worker_scaling)
+from mpo_online.trainer.launch import (
+    TrainResult,
+    _cached,
+    call_record,
+    check_objective,
+    hyper_settings,
+    publish_in_place,
+    train_columns,
+    worker_config,
+    worker_runtime_env,
+    worker_scaling,
+)
 from mpo_online.trainer.ordering import length_grouped_shards
 
 POLL_SECONDS = 0.05
@@ -107,7 +116,7 @@ class TrainerSession:
 
     @classmethod
     def start(cls, *, num_workers: int = 2, worker_cpus: float = 1.0, worker_gpus: float = 0.0,
-              storage_dir, name: str | None = None) -> "TrainerSession":
+              storage_dir, name: str | None = None) -> TrainerSession:
         import ray
         from ray.train import FailureConfig, RunConfig
         from ray.train.torch import TorchTrainer
