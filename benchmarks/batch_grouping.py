@@ -33,10 +33,10 @@ def main() -> None:
     import torch
 
     from mpo_online.config import load_config
-    from mpo_online.data import load_prompts
-    from mpo_online.records import pairs_to_table
-    from mpo_online.tasks import write_task_splits
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.data.prompts import load_prompts
+    from mpo_online.data.records import pairs_to_table
+    from mpo_online.synthetic.tasks import write_task_splits
+    from mpo_online.synthetic.tiny_model import build_model_dir
     from mpo_online.trainer.batching import PairCollator
     from mpo_online.trainer.logps import PolicyLogps, load_model
     from mpo_online.trainer.ordering import GROUP_BY, length_grouped_shards

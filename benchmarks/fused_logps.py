@@ -12,7 +12,7 @@ time and the largest memory over all runs, plus process CPU time as a load-indep
 Variants:
   plain      log_softmax(h @ W.T).gather(...): materialises (N, V) logits, log-probs and grads.
   ckpt       the plain expression per chunk under torch.utils.checkpoint (common alternative).
-  fused      mpo_online.losses.fused_token_logps, defaults (custom autograd.Function, chunked;
+  fused      mpo_online.trainer.losses.fused_token_logps, defaults (custom autograd.Function, chunked;
              keeps DEFAULT_KEEP_BYTES of softmax rows from forward, recomputes the rest).
   fused0     the same with keep_bytes=0: every chunk's logits recomputed in backward (least memory).
 
@@ -67,7 +67,7 @@ def worker(args) -> dict:
     """Run one variant in this (fresh) process and return its measurements."""
     import torch
     sys.path.insert(0, REPO)
-    from mpo_online.losses import fused_token_logps
+    from mpo_online.trainer.losses import fused_token_logps
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,7 +149,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, REPO)
-    from mpo_online.losses import DEFAULT_CHUNK_SIZE, DEFAULT_KEEP_BYTES  # noqa: E402
+    from mpo_online.trainer.losses import DEFAULT_CHUNK_SIZE, DEFAULT_KEEP_BYTES  # noqa: E402
     chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else [DEFAULT_CHUNK_SIZE]
     print(f"N={args.n:,} H={args.h:,} V={args.v:,} fp32, threads={args.threads or 'default'}, "
           f"{args.rounds} round(s) x {args.repeat} repeat(s), "

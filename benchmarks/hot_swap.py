@@ -36,7 +36,7 @@ GREEDY = {"messages": CHAT, "temperature": 0.0, "max_tokens": 8}
 
 
 def build_models(root: Path) -> list[str]:
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.synthetic.tiny_model import build_model_dir
 
     dirs = []
     for seed in (0, 1):

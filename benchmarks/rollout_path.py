@@ -144,7 +144,7 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory()
     if args.model is None:
-        from mpo_online.tiny_model import build_model_dir
+        from mpo_online.synthetic.tiny_model import build_model_dir
 
         args.model = str(build_model_dir(os.path.join(tmp.name, "tiny")))
     items = _workload(args.model, args.prompts)

@@ -33,8 +33,8 @@ sys.path.insert(0, REPO)
 
 def make_pairs(n: int, seed: int = 0):
     """n PreferencePairs over generated tasks: a correct and a wrong CoT-style answer per prompt."""
-    from mpo_online.records import PreferencePair
-    from mpo_online.tasks import generate_tasks
+    from mpo_online.data.records import PreferencePair
+    from mpo_online.synthetic.tasks import generate_tasks
 
     tasks = [t for t in generate_tasks(2 * n, seed) if t["answer"] is not None][:n]
     pairs = []
@@ -77,8 +77,8 @@ def main(argv=None) -> None:
 
     import ray
 
-    from mpo_online.records import pairs_to_table, write_parquet_atomic
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.data.records import pairs_to_table, write_parquet_atomic
+    from mpo_online.synthetic.tiny_model import build_model_dir
 
     tmp = tempfile.mkdtemp(prefix="mpo-train-bench-")
     policy = str(build_model_dir(os.path.join(tmp, "tiny_vlm")))

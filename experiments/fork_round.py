@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def fork(src: Path, dst: Path, r: int) -> None:
-    from mpo_online.records import RoundManifest
+    from mpo_online.data.records import RoundManifest
 
     if dst.exists():
         raise SystemExit(f"{dst} exists: choose another --out")
@@ -51,7 +51,7 @@ def fork(src: Path, dst: Path, r: int) -> None:
 
 def record_fork(src: Path, dst: Path, r: int, argv: list[str]) -> None:
     """The fork is the new run's first session (sessions.jsonl; results tables list it before the recipe's)."""
-    from mpo_online.run_state import RunDir
+    from mpo_online.run.state import RunDir
     RunDir(dst).record_session(argv, note=f"policies v0-v{r - 1} and round {r}'s rollouts and pairs from {src}")
 
 

@@ -1,5 +1,5 @@
 """How much a self-improvement loop can harvest from a task family: the base model's greedy accuracy against its
-pass@k, per difficulty level, on the word problems (mpo_online/word_problems.py).
+pass@k, per difficulty level, on the word problems (mpo_online/synthetic/word_problems.py).
 
     python experiments/task_headroom.py --model artifacts/smollm2-135m --per-level 48 --k 8 [--levels 1 2 3]
 
@@ -33,8 +33,8 @@ def main(argv=None) -> None:
     from vllm import LLM, SamplingParams
 
     from mpo_online.config import load_config
-    from mpo_online.verify import answers_match, extract_final_answer
-    from mpo_online.word_problems import generate_problems
+    from mpo_online.reward.verify import answers_match, extract_final_answer
+    from mpo_online.synthetic.word_problems import generate_problems
 
     instruction = a.instruction if a.instruction is not None else \
         load_config("jobs/configs/smollm2_cpu.yaml").data.cot_instruction

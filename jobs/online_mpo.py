@@ -10,9 +10,9 @@ group that lives for the whole job: mpo_online/trainer/session.py) -> publish an
 engines -> evaluate the served policy -> record -> next round; cleanup.
 
 Every phase ends by rewriting the round's manifest, so killing this job at any moment and starting it again with
-the same run directory resumes at the phase it was in (see mpo_online/run_state.py).
+the same run directory resumes at the phase it was in (see mpo_online/run/state.py).
 
-The terminal shows the loop (mpo_online/console.py): a live status line, one line per finished phase and round, the
+The terminal shows the loop (mpo_online/run/console.py): a live status line, one line per finished phase and round, the
 rounds table at the end. Ray, Serve, vLLM, Ray Data and Ray Train output goes to <run_dir>/logs/ (--verbose: here).
 """
 
@@ -26,10 +26,11 @@ import time
 from typing import NamedTuple
 
 from mpo_online.config import load_config
-from mpo_online.console import TRAIN_PROGRESS_FILE, Console, train_progress_watcher
-from mpo_online.records import RoundManifest
-from mpo_online.report import Reporter
-from mpo_online.run_state import RunDir, RunDirError, phase_at_least
+from mpo_online.data.records import RoundManifest
+from mpo_online.run.console import Console, train_progress_watcher
+from mpo_online.run.report import Reporter
+from mpo_online.run.state import RunDir, RunDirError, phase_at_least
+from mpo_online.trainer.progress import TRAIN_PROGRESS_FILE
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,10 +66,10 @@ def main(argv=None) -> int:
     # --- setup: Ray, the warm-start policy (v0), prompts, the Serve app on the newest swapped policy --------------
     import pyarrow.parquet as pq
 
-    from mpo_online.chains import pair_chain_rates, synthetic_meta
-    from mpo_online.data import load_prompts, to_ray_dataset
+    from mpo_online.data.prompts import load_prompts, to_ray_dataset
     from mpo_online.evaluate import evaluate
-    from mpo_online.rollout_pipeline import run_round
+    from mpo_online.rollout.pipeline import run_round
+    from mpo_online.synthetic.chains import pair_chain_rates, synthetic_meta
     from mpo_online.trainer.session import TrainerSession
     from mpo_online.warm_start import warm_start_from_config
     from serving.app import serving_kwargs, start_policy_server, start_serve, stop_policy_server
@@ -265,8 +266,8 @@ def training_calls(cfg, rdir, prompts_by_id: dict) -> list[TrainCall]:
     times (the preference objectives' SFT call lists each once: their pairs already train those prompts)."""
     import pyarrow.parquet as pq
 
+    from mpo_online.data.records import pairs_to_table, write_parquet_atomic
     from mpo_online.pairs import rft_examples
-    from mpo_online.records import pairs_to_table, write_parquet_atomic
     calls = []
     if cfg.mpo.objective != "rft":
         path = rdir / "pairs.parquet"

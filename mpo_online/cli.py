@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def _init_model(a: argparse.Namespace) -> None:
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.synthetic.tiny_model import build_model_dir
     out = build_model_dir(a.out, text_only=a.text_only, seed=a.seed)
     print(json.dumps({"model_dir": str(out), **json.loads((out / "mpo_online_model.json").read_text())}))
 
@@ -36,7 +36,7 @@ def _import_model(a: argparse.Namespace) -> None:
 
 
 def _make_tasks(a: argparse.Namespace) -> None:
-    from mpo_online.tasks import write_task_splits
+    from mpo_online.synthetic.tasks import write_task_splits
     info = write_task_splits(a.out, n_train=a.n, n_heldout=a.n_heldout, seed=a.seed,
                              levels=tuple(a.levels), open_fraction=a.open_fraction)
     print(json.dumps(info, default=str))
@@ -51,7 +51,7 @@ def _sft(a: argparse.Namespace) -> None:
 
 
 def _eval(a: argparse.Namespace) -> None:
-    from mpo_online.data import load_prompts
+    from mpo_online.data.prompts import load_prompts
     from mpo_online.evaluate import evaluate, offline_generator
     data = Path(a.data)
     source = data / "heldout.parquet" if data.is_dir() and (data / "heldout.parquet").exists() else data

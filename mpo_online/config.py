@@ -34,10 +34,11 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dir: str = "artifacts/tasks"  # holds train.parquet and heldout.parquet (the prompt schema, mpo_online.data)
+    dir: str = "artifacts/tasks"  # holds train.parquet and heldout.parquet (the prompt schema, mpo_online.data.prompts)
     generate_if_missing: bool = True  # write synthetic tasks to `dir` when it has none
-    # which synthetic family `generate_if_missing` writes: counting shapes in grid images (mpo_online/tasks.py; levels
-    # 1-3) or text-only arithmetic word problems (mpo_online/word_problems.py; levels 1-4, no max_count/open tasks)
+    # which synthetic family `generate_if_missing` writes: counting shapes in grid images
+    # (mpo_online/synthetic/tasks.py; levels 1-3) or text-only arithmetic word problems
+    # (mpo_online/synthetic/word_problems.py; levels 1-4, no max_count/open tasks)
     task: Literal["grid", "word_problems"] = "grid"
     n_train: int = Field(2000, gt=0)
     n_heldout: int = Field(200, gt=0)
@@ -64,13 +65,13 @@ class PairsConfig(_Section):
     max_pairs_per_prompt: int = Field(15, gt=0)  # paper: 15
     ntp_prefix_ratio: float = Field(0.5, gt=0.0, lt=1.0)  # Dropout-NTP: share of words kept before the image is dropped
     dropout_ntp: bool = True
-    # Which correct responses may be "chosen" (mpo_online.chains.chosen_checker). answer: the paper's rule, the final
-    # answer matches gold. consistent: also the chain must hold together (chains.check_chain "consistent": the answer
-    # follows from what the chain states; needs nothing beyond the task's op/colors), so a right answer reached by
-    # luck is not taught. perceived: also every scan line matches the image's annotated cells (a stricter,
+    # Which correct responses may be "chosen" (mpo_online.synthetic.chains.chosen_checker). answer: the paper's rule,
+    # the final answer matches gold. consistent: also the chain must hold together (chains.check_chain "consistent": the
+    # answer follows from what the chain states; needs nothing beyond the task's op/colors), so a right answer reached
+    # by luck is not taught. perceived: also every scan line matches the image's annotated cells (a stricter,
     # process-level ground truth). The checks read the synthetic task's annotation in the prompt row's `meta`: they
-    # apply to rows whose meta has `cells`; any other row falls back to "answer". A correct response failing the
-    # check is left out of pairs (never rejected: its answer is right), and of RFT's examples.
+    # apply to rows whose meta has `cells`; any other row falls back to "answer". A correct response failing the check
+    # is left out of pairs (never rejected: its answer is right), and of RFT's examples.
     chosen_check: Literal["answer", "consistent", "perceived"] = "answer"
 
 

@@ -2,7 +2,7 @@
 
 One scorer, two ways to generate:
 - `offline_generator(model_dir)`: an in-process vLLM engine (`mpo-online eval --model DIR --data DIR`, warm start).
-- a `PolicyClient` from mpo_online.serve_client: the loop evaluates the *served* policy through deployment handles.
+- a `PolicyClient` from serving.client: the loop evaluates the *served* policy through deployment handles.
 Both are wrapped as `generate(requests) -> list[str]`, where a request is an OpenAI-style `messages` list plus sampling
 fields (the format `PolicyClient.generate` takes). Model output is only ever parsed, never executed.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
-from mpo_online.records import openai_messages
-from mpo_online.verify import answers_match, extract_final_answer
+from mpo_online.data.records import openai_messages
+from mpo_online.reward.verify import answers_match, extract_final_answer
 
 Generate = Callable[[list[dict]], list[str]]
 
@@ -45,7 +45,7 @@ def chain_rates(rows: list[dict], texts: list[str], correct: list[bool]) -> dict
     and accuracy per task level. {} for other prompts."""
     import json
 
-    from mpo_online.chains import check_chain
+    from mpo_online.synthetic.chains import check_chain
     checks, levels = [], {}
     for r, t, ok in zip(rows, texts, correct):
         meta = json.loads(r.get("meta") or "{}")

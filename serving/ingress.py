@@ -29,7 +29,6 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
 from ray.serve.llm.ingress import OpenAiIngress
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from mpo_online.weight_sync import PublishTimeout, get_registry, make_source, publish_and_wait
 from serving.validation import (
     InputError,
     Limits,
@@ -38,6 +37,7 @@ from serving.validation import (
     check_prompt_chars,
     check_sampling,
 )
+from serving.weight_sync import PublishTimeout, get_registry, make_source, publish_and_wait
 
 VERSION_HEADER = "x-policy-version"
 _TAG_RE = re.compile(r'"model"\s*:\s*"[^"]*@v(\d+)"')
@@ -185,7 +185,7 @@ class PolicyIngress(OpenAiIngress):
     async def admin_publish(self, body: PublishBody, request: Request) -> Response:
         if (denied := self._authorize(request)) is not None:
             return denied
-        from mpo_online.serve_client import running_replicas_async
+        from serving.client import running_replicas_async
 
         registry = get_registry(self._registry_name)
         try:

@@ -3,7 +3,7 @@
 Deployed by `serving.app.build_policy_app` through `LLMConfig(server_cls=PolicyServer)`; never started by hand.
 On top of LLMServer it adds:
 
-- versioning: a `ReplicaSync` (mpo_online.weight_sync) admission gate around every request, and a background task
+- versioning: a `ReplicaSync` (serving.weight_sync) admission gate around every request, and a background task
   that long-polls the `PolicyRegistry` and hot-swaps weights through the vLLM worker extension. Before the replica
   serves its first request it loads the latest published version (restarts and scale-ups join at the current one).
 - version tags: OpenAI responses from `chat`/`completions` carry `model: "<model_id>@v<version>"` (the ingress copies
@@ -29,7 +29,6 @@ from ray import serve
 from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.serve.llm import LLMServer
 
-from mpo_online.weight_sync import ReplicaSync, ReplicaUnavailable, get_registry
 from serving.validation import (
     InputError,
     Limits,
@@ -38,6 +37,7 @@ from serving.validation import (
     check_token_fields,
     decode_image_bytes,
 )
+from serving.weight_sync import ReplicaSync, ReplicaUnavailable, get_registry
 
 MAX_FAILED_SWAPS = 3  # consecutive failed reloads before check_health reports the replica dead (Serve replaces it)
 DEFAULT_MAX_TOKENS = 128

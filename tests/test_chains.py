@@ -1,7 +1,16 @@
-"""Tests for mpo_online.chains (render and check the synthetic tasks' chains) and for the image-placement convention
-(records.content_parts / prompt_question, data._question_text) the tasks rely on. Pure logic, no Ray."""
+"""Tests for mpo_online.synthetic.chains (render and check the synthetic tasks' chains) and for the image-placement
+convention (records.content_parts / prompt_question, data._question_text) the tasks rely on. Pure logic, no Ray."""
 
-from mpo_online.chains import (
+from mpo_online.data.prompts import normalize_row
+from mpo_online.data.records import (
+    PreferencePair,
+    openai_messages,
+    pair_to_row,
+    row_to_pair,
+    strip_placeholders,
+    user_message,
+)
+from mpo_online.synthetic.chains import (
     check_chain,
     chosen_checker,
     describe_solution,
@@ -9,15 +18,6 @@ from mpo_online.chains import (
     row_meta,
     scan_line,
     worked_solution,
-)
-from mpo_online.data import normalize_row
-from mpo_online.records import (
-    PreferencePair,
-    openai_messages,
-    pair_to_row,
-    row_to_pair,
-    strip_placeholders,
-    user_message,
 )
 
 # Row-major 4x4 grid: r at cells 0, 7, 9; b at 4, 11; g at 15.
@@ -87,7 +87,7 @@ def test_warm_start_mixes_glance_demos_with_image_free_worked_drills():
     question, CoT since direct_fraction is 0), the next 2 text drills: worked chains, no image, no placeholder."""
     import json
 
-    from mpo_online.tasks import generate_tasks
+    from mpo_online.synthetic.tasks import generate_tasks
     from mpo_online.warm_start import warm_start_data
 
     rows = generate_tasks(4, seed=11, levels=(1, 2), open_fraction=0.0)
@@ -106,7 +106,7 @@ def test_warm_start_stage2_takes_the_drill_rows_with_their_images():
     rows after stage 1's image examples), now with their images and worked chains; 5 examples do not fit: error."""
     import pytest
 
-    from mpo_online.tasks import generate_tasks
+    from mpo_online.synthetic.tasks import generate_tasks
     from mpo_online.warm_start import stage2_data
 
     rows = generate_tasks(6, seed=12, levels=(1, 2), open_fraction=0.0)
@@ -126,7 +126,7 @@ def test_pair_chain_rates_by_hand():
     lines: not scanned, not consistent, not perceived). Pair 2: chosen = a glance "5" (right by luck: not scanned);
     rejected = a misread but consistent chain (scanned, consistent, not perceived). So chosen: scanned 1/2,
     perceived 1/2, consistent 1/2; rejected: scanned 1/2, perceived 0, consistent 1/2."""
-    from mpo_online.chains import pair_chain_rates
+    from mpo_online.synthetic.chains import pair_chain_rates
 
     worked, _ = worked_solution("sum", ["red", "blue"], CELLS)
     misread = "r: 1......2........ = 2\nb: ....1......2.... = 2\n2 + 2 = 4\nFinal answer: 4"

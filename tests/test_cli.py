@@ -34,7 +34,7 @@ def _png(color) -> bytes:
 def test_serve_names_the_run_policy_and_its_dtype_and_answers_503_until_ready(tmp_path):
     import httpx
 
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.synthetic.tiny_model import build_model_dir
 
     missing = subprocess.run(CLI + ["serve", "--model", str(tmp_path / "nope")], capture_output=True, text=True)
     assert missing.returncode != 0 and "is not a model directory" in missing.stderr
@@ -78,7 +78,7 @@ def test_serve_names_the_run_policy_and_its_dtype_and_answers_503_until_ready(tm
 
 
 def test_eval_reports_quarantined_rows_and_keeps_them_beside_the_result(tmp_path):
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.synthetic.tiny_model import build_model_dir
 
     model = build_model_dir(tmp_path / "model", seed=0)
     data = tmp_path / "data"

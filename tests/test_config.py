@@ -106,11 +106,12 @@ def test_hash_ignores_round_count_but_not_training_settings():
 
 
 def test_chosen_check_modes_match_the_checker():
-    """The config's modes are exactly those mpo_online.chains.chosen_checker knows; the paper's rule is the default."""
+    """The config's modes are exactly those mpo_online.synthetic.chains.chosen_checker knows; the paper's rule is the
+    default."""
     import typing
 
-    from mpo_online.chains import CHOSEN_CHECKS
     from mpo_online.config import PairsConfig
+    from mpo_online.synthetic.chains import CHOSEN_CHECKS
 
     assert typing.get_args(PairsConfig.model_fields["chosen_check"].annotation) == CHOSEN_CHECKS
     assert load_config(None).pairs.chosen_check == "answer"
@@ -147,7 +148,7 @@ def test_training_calls_add_the_unpaired_prompts_sft_after_the_pairs(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mpo_online.records import PreferencePair, pairs_to_table
+    from mpo_online.data.records import PreferencePair, pairs_to_table
     recipe = _recipe()
 
     prompts = {p: {"id": p, "question": f"q {p}?", "images": [], "answer": "3", "kind": "qa", "meta": None}

@@ -1,4 +1,4 @@
-"""The loop's console (mpo_online/console.py): formatting, plain-lines and live modes, the final table, the training
+"""The loop's console (mpo_online/run/console.py): formatting, plain-lines and live modes, the final table, the training
 progress file, and the redirection of component output to <run_dir>/logs/ (in a subprocess: it moves fds 1 and 2)."""
 
 import io
@@ -11,18 +11,18 @@ import textwrap
 import time
 from pathlib import Path
 
-from mpo_online.component_logs import component_of
-from mpo_online.console import (
+from mpo_online.run.console import (
     Console,
     eval_summary,
     fmt_clock,
     fmt_seconds,
-    report_train_progress,
     rollout_summary,
     rounds_table,
     train_progress_watcher,
     train_summary,
 )
+from mpo_online.run.logs import component_of
+from mpo_online.trainer.progress import report_train_progress
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,7 +145,7 @@ def test_component_logs_keep_the_terminal_quiet(tmp_path):
     to logs/<component>.log, error lines and an exception that ends the run still reach the terminal."""
     script = textwrap.dedent(f"""
         import logging, os, sys
-        from mpo_online.console import Console
+        from mpo_online.run.console import Console
         c = Console.for_run({str(tmp_path)!r}, 2)
         print("ray data plan: lots of lines")
         os.write(2, b"C++ core worker line\\n")
@@ -161,7 +161,7 @@ def test_component_logs_keep_the_terminal_quiet(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1
     terminal = out.stdout.splitlines()
-    from mpo_online.machine import machine_line
+    from mpo_online.run.machine import machine_line
     assert terminal[0].startswith(f"mpo-online: 2 round(s), run dir {tmp_path}, on {machine_line()}; component logs")
     assert re.search(r", \d+ cores, (AVX-512|AVX2|other);", terminal[0])
     assert f"{tmp_path / 'logs'}/" in terminal[0]
@@ -184,7 +184,7 @@ def test_component_logs_keep_the_terminal_quiet(tmp_path):
 def test_forwarded_batches_are_routed_and_never_raise(tmp_path):
     """Ray's log thread calls write_batch: autoscaler monitor dumps are dropped (Ray prints only their events), and a
     batch arriving after stop() closed the files is ignored rather than raised into Ray's thread."""
-    from mpo_online.component_logs import ComponentLogs
+    from mpo_online.run.logs import ComponentLogs
     logs = ComponentLogs(tmp_path)
     logs.write_batch({"pid": "autoscaler", "lines": ["INFO autoscaler.py:147 -- The autoscaler took 0.0 seconds",
                                                      "Node status", "Pending Demands:"]})

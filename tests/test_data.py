@@ -1,4 +1,5 @@
-"""Tests for mpo_online.data: the pure validator, MMPR/TRL alias mapping, and the reader + quarantine end to end.
+"""Tests for mpo_online.data.prompts: the pure validator, MMPR/TRL alias mapping, and the reader + quarantine end
+to end.
 
 The end-to-end test writes one directory with a JSONL file holding good rows and one bad row of each kind, a
 parquet file in HF-datasets style and a corrupt parquet file, then checks that exactly the good rows come back as a
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mpo_online.data import (
+from mpo_online.data.prompts import (
     PROMPT_SCHEMA,
     RowError,
     content_id,

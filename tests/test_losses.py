@@ -1,4 +1,4 @@
-"""Tests for mpo_online.losses: the MPO loss, the reward baseline delta, and fused_token_logps.
+"""Tests for mpo_online.trainer.losses: the MPO loss, the reward baseline delta, and fused_token_logps.
 
 Expected values are worked out by hand in each docstring (L(x) := -log sigmoid(x) = log(1 + e^-x)).
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpo_online.losses import RewardBaseline, batch_reward_mean, fused_token_logps, mpo_loss
+from mpo_online.trainer.losses import RewardBaseline, batch_reward_mean, fused_token_logps, mpo_loss
 
 LN2 = math.log(2.0)
 
@@ -304,7 +304,7 @@ def test_fused_feeds_mpo_loss_end_to_end():
 def test_fused_keeps_softmax_only_when_backward_will_come(monkeypatch):
     """keep_bytes = 3 float64 rows of V = 7 (3 * 56 bytes): 3 of 5 rows kept when grads are needed;
     none under torch.no_grad or for inputs without requires_grad (e.g. the reference model)."""
-    import mpo_online.losses as L
+    import mpo_online.trainer.losses as L
     seen, orig = [], L._chunks
     monkeypatch.setattr(L, "_chunks", lambda n, k, c: seen.append(k) or orig(n, k, c))
     h = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)

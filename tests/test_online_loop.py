@@ -102,8 +102,8 @@ def _phase(run: Path, r: int) -> str | None:
     return m and m["phase"]
 
 
-# what the loop's console prints (mpo_online/console.py, plain lines): the header, time-stamped phase / round / status
-# lines, the rounds table and the result paths
+# what the loop's console prints (mpo_online/run/console.py, plain lines): the header, time-stamped phase / round /
+# status lines, the rounds table and the result paths
 CONSOLE_LINE = re.compile(r"(mpo-online: |\[ *\d+:\d\d(:\d\d)?\] |round +CoT %|\d+( \(warm start\))? +[-\d.]+ "
                           r"|report |plot |logs |$)")
 
@@ -111,7 +111,7 @@ CONSOLE_LINE = re.compile(r"(mpo-online: |\[ *\d+:\d\d(:\d\d)?\] |round +CoT %|\
 def _assert_console_only(job_log: str, run: Path) -> None:
     """The driver's output is the loop's console; Ray / Serve / vLLM / Ray Data / Ray Train output is in <run>/logs/.
     (The job log starts with two lines of Ray's job manager: runtime env set-up and the entrypoint.)"""
-    from mpo_online.machine import machine_line
+    from mpo_online.run.machine import machine_line
     header = (f"mpo-online: 2 round(s), run dir {run}, on {machine_line()}; component logs (Ray, Serve, vLLM, Train, "
               "DeepSpeed) -> ")
     assert header + f"{run}/logs/" in job_log

@@ -1,4 +1,5 @@
-"""benchmarks/pair_shift.py's arithmetic (pure logic; the scoring itself is mpo_online.parity's, tested there)."""
+"""experiments/pair_shift.py's arithmetic (pure logic; the scoring itself is mpo_online.trainer.parity's, tested
+there)."""
 
 import importlib.util
 import math
@@ -6,7 +7,7 @@ from pathlib import Path
 
 
 def _pair_shift():
-    path = Path(__file__).parent.parent / "benchmarks" / "pair_shift.py"
+    path = Path(__file__).parent.parent / "experiments" / "pair_shift.py"
     spec = importlib.util.spec_from_file_location("pair_shift", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

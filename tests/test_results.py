@@ -1,10 +1,10 @@
-"""Results tables render themselves from run directories (mpo_online/results.py): a fixture run with two rounds."""
+"""Results tables render themselves from run directories (mpo_online/run/results.py): a fixture run with two rounds."""
 
 import json
 
 import yaml
 
-from mpo_online.results import render, run_row
+from mpo_online.run.results import render, run_row
 
 MACHINE = {"cpu_model": "Test CPU", "cores": 2, "vector": "AVX2", "arch": "x86_64"}
 
@@ -45,7 +45,7 @@ def test_a_run_row_carries_every_figure_and_where_it_came_from(tmp_path):
 def test_render_makes_both_tables_and_says_what_was_not_recorded(tmp_path):
     old = _fixture_run(tmp_path, "old_run", sessions=False)
     md = render([_fixture_run(tmp_path), old], title="Fixture")
-    assert md.startswith("# Fixture\n") and f"`python -m mpo_online.results {tmp_path / 'mpo_run'} {old}`" in md
+    assert md.startswith("# Fixture\n") and f"`python -m mpo_online.run.results {tmp_path / 'mpo_run'} {old}`" in md
     assert "| mpo_run | mpo | smollm2-135m | 1.0 → 7.0 → 15.5 | +14.5 | 10.0 | 30.0 | 100 | 8, 24 | 10.1, 9.0 |" in md
     assert "| old_run | not recorded | not recorded | not recorded | not recorded |" in md
 

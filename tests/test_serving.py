@@ -37,7 +37,7 @@ class _Remote:
 
 
 def _sync_with(reg, reload, poll_timeout_s=0.1):
-    from mpo_online.weight_sync import ReplicaSync
+    from serving.weight_sync import ReplicaSync
 
     async def reset():
         pass
@@ -51,7 +51,7 @@ async def _admit_once(sync):
 
 
 def test_swap_drains_in_flight_and_tags_whole_versions():
-    from mpo_online.weight_sync import PolicyRegistry
+    from serving.weight_sync import PolicyRegistry
 
     async def main():
         reg, weights, loads = PolicyRegistry(), {"v": 0}, []
@@ -85,7 +85,7 @@ def test_swap_drains_in_flight_and_tags_whole_versions():
 
 
 def test_failed_swap_refuses_work_then_retries():
-    from mpo_online.weight_sync import PolicyRegistry, ReplicaUnavailable
+    from serving.weight_sync import PolicyRegistry, ReplicaUnavailable
 
     async def main():
         reg, attempts = PolicyRegistry(), []
@@ -116,7 +116,7 @@ def test_failed_swap_refuses_work_then_retries():
 
 
 def test_late_replica_starts_at_latest_version_and_pause_holds_requests():
-    from mpo_online.weight_sync import PolicyRegistry
+    from serving.weight_sync import PolicyRegistry
 
     async def main():
         reg, loaded = PolicyRegistry(), []
@@ -258,7 +258,7 @@ def server(tmp_path_factory):
     import ray
     from ray import serve
 
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.synthetic.tiny_model import build_model_dir
     from serving.app import start_policy_server, stop_policy_server
 
     root = tmp_path_factory.mktemp("serving_models")

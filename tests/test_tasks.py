@@ -1,4 +1,4 @@
-"""Tests for mpo_online.tasks: rendering, determinism, answers checked against the image pixels, CoT format,
+"""Tests for mpo_online.synthetic.tasks: rendering, determinism, answers checked against the image pixels, CoT format,
 difficulty knobs, the open family, the image-blind bound vs an image-reading oracle, and the on-disk splits.
 
 The answer check is independent of the generator: it reads each cell's centre pixel from the PNG, classifies it by
@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mpo_online.data import PROMPT_SCHEMA, load_prompts, validate_row
-from mpo_online.tasks import blind_accuracy_bound, generate_tasks, render_grid, write_task_splits
+from mpo_online.data.prompts import PROMPT_SCHEMA, load_prompts, validate_row
+from mpo_online.synthetic.tasks import blind_accuracy_bound, generate_tasks, render_grid, write_task_splits
 
 CELL = 16
 

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
-from mpo_online.tiny_model import CHAT_TEMPLATE, build_model_dir, build_tokenizer  # noqa: E402
+from mpo_online.synthetic.tiny_model import CHAT_TEMPLATE, build_model_dir, build_tokenizer  # noqa: E402
 
 
 def test_char_tokenizer_round_trips_text_and_keeps_special_tokens_whole():

@@ -29,7 +29,7 @@ def _png(rgb) -> bytes:
 
 
 def _pairs(n=N_PAIRS):
-    from mpo_online.records import PreferencePair
+    from mpo_online.data.records import PreferencePair
     return [PreferencePair(pair_id=f"p{i:03d}", prompt_id=f"q{i}", kind="correctness", question=f"How many {i}?",
                            images=[_png(((37 * i) % 256, 90, 200))], chosen=f"Final answer: {i % 7}",
                            rejected=f"Final answer: {(i + 3) % 7}x") for i in range(n)]
@@ -37,14 +37,14 @@ def _pairs(n=N_PAIRS):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.synthetic.tiny_model import build_model_dir
     root = tmp_path_factory.mktemp("models")
     return {"vlm": str(build_model_dir(root / "vlm")), "txt": str(build_model_dir(root / "txt", text_only=True))}
 
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
-    from mpo_online.records import pairs_to_table, write_parquet_atomic
+    from mpo_online.data.records import pairs_to_table, write_parquet_atomic
     path = tmp_path_factory.mktemp("data") / "pairs.parquet"
     write_parquet_atomic(pairs_to_table(_pairs()), path)
     return str(path)
@@ -52,7 +52,7 @@ def pairs_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rows():
-    from mpo_online.records import pairs_to_table
+    from mpo_online.data.records import pairs_to_table
     return pairs_to_table(_pairs(3)).to_pylist()
 
 
@@ -221,7 +221,7 @@ def test_score_mask_limits_the_rewards_to_the_span_not_the_nll(models, rows):
 def test_training_reads_the_sampled_token_ids():
     """Dropping the token columns before training would make the collator re-tokenize the text (and append an
     end-of-turn token to responses the engine cut off): the trainer would score sequences the engine never sampled."""
-    from mpo_online.records import TOKEN_COLUMNS, pair_schema
+    from mpo_online.data.records import TOKEN_COLUMNS, pair_schema
     from mpo_online.trainer.launch import train_columns
     assert set(TOKEN_COLUMNS) <= set(train_columns(pair_schema().names, pairs=True))
     assert "rejected" not in train_columns(pair_schema().names, pairs=False)
@@ -293,7 +293,7 @@ def test_same_bits_as_recorded_on_the_development_machine(zero0_run, models):
     import torch
 
     from mpo_online import pinned_cpu_env
-    from mpo_online.run_state import sha256_file
+    from mpo_online.run.state import sha256_file
     where = (f"torch {torch.__version__}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, "
              f"pins {pinned_cpu_env()}")
     built = sha256_file(os.path.join(models["vlm"], "model.safetensors"))
@@ -398,7 +398,7 @@ def test_zero3_resume_keeps_delta_and_matches_zero0(ray4, models, pairs_file, ze
 def test_sft_reduces_nll_text_only(ray4, models, pairs_file, tmp_path):
     import torch
 
-    from mpo_online.records import pairs_to_table
+    from mpo_online.data.records import pairs_to_table
     from mpo_online.trainer import train_policy
     from mpo_online.trainer.batching import PairCollator
     from mpo_online.trainer.logps import load_model, sequence_logps

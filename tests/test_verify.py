@@ -1,4 +1,4 @@
-"""Tests for mpo_online.verify: answer extraction, equivalence rules, and bounded behaviour on hostile input."""
+"""Tests for mpo_online.reward.verify: answer extraction, equivalence rules, and bounded behaviour on hostile input."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mpo_online.verify import answers_match, extract_final_answer
+from mpo_online.reward.verify import answers_match, extract_final_answer
 
 TIME_LIMIT = 1.0  # seconds per call, the contract for graders running inside Ray workers
 
@@ -274,7 +274,8 @@ def test_works_in_threads():
 
 
 def test_import_is_light():
-    code = "import sys, mpo_online.verify; print(sorted(m for m in ('sympy', 'numpy', 'torch') if m in sys.modules))"
+    code = ("import sys, mpo_online.reward.verify; "
+            "print(sorted(m for m in ('sympy', 'numpy', 'torch') if m in sys.modules))")
     root = Path(__file__).resolve().parents[1]  # `python -c` puts the cwd on sys.path
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -1,4 +1,4 @@
-"""The text-only task family (mpo_online/word_problems.py): deterministic, answers that follow from the stated
+"""The text-only task family (mpo_online/synthetic/word_problems.py): deterministic, answers that follow from the stated
 numbers, a held-out split disjoint from train, and rows the prompt reader and verifier take as they are."""
 
 import json
@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from mpo_online.word_problems import TEMPLATES, generate_problems, write_problem_splits
+from mpo_online.synthetic.word_problems import TEMPLATES, generate_problems, write_problem_splits
 
 
 def _eval_step(line: str) -> Fraction:
@@ -44,7 +44,7 @@ def test_every_template_states_steps_that_give_its_answer():
 
 
 def test_fraction_answers_are_reduced_and_match_decimals():
-    from mpo_online.verify import answers_match
+    from mpo_online.reward.verify import answers_match
 
     fracs = [r for r in generate_problems(300, seed=2, levels=(4,)) if "/" in r["answer"]]
     assert fracs, "level 4 should give some fractional shares"
@@ -56,7 +56,7 @@ def test_fraction_answers_are_reduced_and_match_decimals():
 
 
 def test_splits_are_disjoint_and_load_as_prompts(tmp_path):
-    from mpo_online.data import load_prompts
+    from mpo_online.data.prompts import load_prompts
 
     info = write_problem_splits(tmp_path, n_train=60, n_heldout=20, seed=0, levels=(1, 2))
     train, rejected = load_prompts(tmp_path / "train.parquet")

@@ -1,4 +1,4 @@
-"""Turn pair rows (mpo_online.records pair schema) into model inputs with prompt-masked labels.
+"""Turn pair rows (mpo_online.data.records pair schema) into model inputs with prompt-masked labels.
 
     collate = PairCollator.from_pretrained(policy_dir, max_length=512, pairs=True)
     batch = collate(rows)          # rows: list of dicts in the pair schema (e.g. a pyarrow batch's to_pylist())
@@ -13,7 +13,7 @@ and the images); with `pairs=False` (SFT / RFT) only the B chosen sequences. Eac
 - The prompt is the model's chat template applied to the `prompt` messages with add_generation_prompt=True, run
   through the processor together with the row's images (so image placeholders expand to the model's image tokens).
 - The response, when the row carries its token ids (`chosen_token_ids` / `rejected_token_ids` non-empty: responses
-  the engine sampled, mpo_online.records): those ids verbatim. They are what the engine sampled, special tokens
+  the engine sampled, mpo_online.data.records): those ids verbatim. They are what the engine sampled, special tokens
   included, and end with the end-of-turn token only if the engine sampled one (a response cut off by the token limit
   gets none appended), so the trainer scores exactly the sampled sequence. A response id that is an input
   placeholder (`<image>`) is refused: the model's forward would take it for an image slot.
@@ -43,7 +43,8 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from mpo_online.data.records import input_placeholder_ids
 
 IGNORE_INDEX = -100
 
@@ -81,18 +82,6 @@ def load_processor(model_dir):
         return AutoProcessor.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError, TypeError):
         return AutoTokenizer.from_pretrained(model_dir)
-
-
-PLACEHOLDER_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index", "audio_token_id",
-                    "audio_token_index")
-
-
-def input_placeholder_ids(model_dir) -> set[int]:
-    """Token ids the model's forward replaces by encoder features (`<image>`, ...), from its config.json: they may
-    appear in a prompt, never in a response the trainer scores. Empty for text-only models."""
-    path = Path(model_dir) / "config.json"
-    cfg = json.loads(path.read_text()) if path.exists() else {}
-    return {int(cfg[k]) for k in PLACEHOLDER_KEYS if isinstance(cfg.get(k), int)}
 
 
 def row_key(row: dict) -> str:

@@ -74,12 +74,12 @@ def train_columns(columns, *, pairs: bool) -> list[str]:
     """The pair-schema columns training reads, of those present. The sampled token ids and engine log-probs are
     among them: without the ids the collator would re-tokenize the text (and append an end-of-turn token to a
     response the engine cut off), so the trainer would score a sequence other than the one sampled."""
-    from mpo_online.records import TOKEN_COLUMNS
+    from mpo_online.data.records import TOKEN_COLUMNS
 
     want = ["pair_id", "prompt", "chosen", "images"] + (["rejected"] if pairs else []) + list(TOKEN_COLUMNS)
     missing = [c for c in ("prompt", "chosen") + (("rejected",) if pairs else ()) if c not in columns]
     if missing:
-        raise ValueError(f"dataset lacks columns {missing} of the pair schema (mpo_online.records)")
+        raise ValueError(f"dataset lacks columns {missing} of the pair schema (mpo_online.data.records)")
     return [c for c in want if c in columns]
 
 
@@ -235,7 +235,7 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from mpo_online.console import TRAIN_PROGRESS_FILE
+    from mpo_online.trainer.progress import TRAIN_PROGRESS_FILE
     from mpo_online.trainer.worker import train_fn
 
     t_call = time.time()

@@ -5,8 +5,8 @@
 
 The model runs only up to its last hidden state (the base model, `getattr(model, model.base_model_prefix)`: e.g.
 Idefics3Model, Qwen2_5_VLModel, LlamaModel); the lm-head is applied only at target positions through
-`mpo_online.losses.fused_token_logps`, chunk by chunk. Used for every policy log-prob (training forward, with grad)
-and every reference log-prob (no grad) in mpo_online.trainer.worker; `PolicyLogps` wraps a Hugging Face model so
+`mpo_online.trainer.losses.fused_token_logps`, chunk by chunk. Used for every policy log-prob (training forward, with
+grad) and every reference log-prob (no grad) in mpo_online.trainer.worker; `PolicyLogps` wraps a Hugging Face model so
 that DeepSpeed's engine forward (and ZeRO-3's parameter hooks) run around it.
 
 ZeRO-3 note: the lm-head weight is read through a call of the lm-head *module* (its forward temporarily swapped for
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from mpo_online.losses import fused_token_logps
 from mpo_online.trainer.batching import IGNORE_INDEX
+from mpo_online.trainer.losses import fused_token_logps
 
 
 def _check_head(model) -> torch.nn.Module:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from mpo_online.records import message_text
+from mpo_online.data.records import message_text
 
 GROUP_BY = ("length", "images", "none")
 WINDOW_TICKS = 16

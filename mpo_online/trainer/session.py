@@ -21,7 +21,7 @@ completes and renames (one safetensors write, read by every engine replica at th
 
 Failure: a worker that raises ends the Ray Train run (no restarts: the round is redone from its inputs, which gives
 the same result: data order and seeds are fixed); `train` raises RuntimeError with the worker's error, and the
-session is closed. A killed job resumes at its round phase as before (mpo_online/run_state.py).
+session is closed. A killed job resumes at its round phase as before (mpo_online/run/state.py).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def session_fn(config: dict) -> None:
 
     # what every job imports, imported once while the engines start (deepspeed alone takes seconds)
     for name in ("deepspeed", "transformers", "mpo_online.trainer.batching", "mpo_online.trainer.checkpointing",
-                 "mpo_online.trainer.logps", "mpo_online.losses", "mpo_online.console"):
+                 "mpo_online.trainer.logps", "mpo_online.trainer.losses", "mpo_online.run.console"):
         importlib.import_module(name)
 
     board, rank, last = config["board"], ray.train.get_context().get_world_rank(), 0

@@ -207,10 +207,10 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from mpo_online.console import report_train_progress
-    from mpo_online.losses import RewardBaseline, batch_reward_mean, mpo_loss
     from mpo_online.trainer import checkpointing as ck
     from mpo_online.trainer.batching import PairCollator, row_key
+    from mpo_online.trainer.losses import RewardBaseline, batch_reward_mean, mpo_loss
+    from mpo_online.trainer.progress import report_train_progress
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)

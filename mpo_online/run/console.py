@@ -14,11 +14,11 @@ Elsewhere (`ray job submit` job logs, CI, a pipe) it degrades to plain lines: th
 line after every `heartbeat` seconds without output. `--verbose` (Console.for_run(verbose=True)) leaves every
 component's output where it was (the terminal) and prints the console as plain lines among it.
 
-Without --verbose the components' output goes to `<run_dir>/logs/` (mpo_online.component_logs.ComponentLogs says
+Without --verbose the components' output goes to `<run_dir>/logs/` (mpo_online.run.logs.ComponentLogs says
 which file gets what); errors still reach the terminal.
 
 Training progress comes from the Ray Train workers through a small JSON file that rank 0 rewrites
-(`report_train_progress`), which the console polls (`train_progress_watcher`).
+(mpo_online.trainer.progress), which the console polls (`train_progress_watcher`).
 """
 
 from __future__ import annotations
@@ -32,10 +32,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from mpo_online.component_logs import ComponentLogs
-
-TRAIN_PROGRESS_FILE = "progress.json"
-
+from mpo_online.run.logs import ComponentLogs
+from mpo_online.trainer.progress import TRAIN_PROGRESS_FILE
 
 # ------------------------------------------------------------------------------------------------------ formatting
 
@@ -104,21 +102,6 @@ def rounds_table(rounds: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------------------- train progress channel
 
-def report_train_progress(path: str | None, **fields) -> None:
-    """Rewrite the progress file (atomically) with `fields`, e.g. stage="train", step=3, total=30. A no-op for
-    path None (ranks other than 0); never raises: progress must not break training."""
-    if not path:
-        return
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({**fields, "time": time.time()}, f)
-        os.replace(tmp, path)
-    except OSError:
-        pass
-
-
 def train_progress_watcher(storage_dir: str | os.PathLike) -> Callable[[], tuple | None]:
     """A poll function for Console.phase(watch=...): the newest progress file of any training run under
     `storage_dir` -> (done, total, unit, note); data preparation and Ray Train start-up show as "preparing"."""
@@ -179,7 +162,7 @@ class Console:
             where = f"component logs (Ray, Serve, vLLM, Train, DeepSpeed) -> {logs.dir}/ (--verbose shows them here)"
         else:
             where = "--verbose: component logs are shown here"
-        from mpo_online.machine import machine_line
+        from mpo_online.run.machine import machine_line
         console.line(f"mpo-online: {total_rounds} round(s), run dir {run_dir}, on {machine_line()}; {where}")
         console.install_excepthook()
         console.start()

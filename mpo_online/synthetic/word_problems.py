@@ -1,8 +1,9 @@
 """Deterministic synthetic arithmetic word problems: text-only prompts with checkable answers, for text models.
 
-No dataset download exists here, so the text task family is generated, like the visual one (mpo_online/tasks.py).
-Every problem is a short story in one of several templates; its answer is an integer or a fraction (checked by
-mpo_online.verify, so "9/2" and "4.5" both match), and it carries a worked solution ending in "Final answer: <n>".
+No dataset download exists here, so the text task family is generated, like the visual one
+(mpo_online/synthetic/tasks.py). Every problem is a short story in one of several templates; its answer is an integer
+or a fraction (checked by mpo_online.reward.verify, so "9/2" and "4.5" both match), and it carries a worked solution
+ending in "Final answer: <n>".
 
     level 1  one step, one-digit numbers   "Mia has 3 stickers and gets 4 more. How many stickers does Mia have?"
     level 2  one step, two-digit numbers   "Mia has 23 stickers. Mia gets 18 more. How many stickers ... now?"
@@ -12,11 +13,11 @@ mpo_online.verify, so "9/2" and "4.5" both match), and it carries a worked solut
 SmolLM2-135M-Instruct, greedy, gets few of levels 2-4 right and samples almost no right answer there (pass@8 ~0 at
 temperature 1.0, docs/experiments.md): level 1 is where its samples disagree, which is what the loop learns from.
 
-Rows are in mpo_online.data.PROMPT_SCHEMA with no images (kind "qa"); `meta` holds the family, level, template and
-the operands. Held-out problems come from a derived seed and never repeat a training question.
+Rows are in mpo_online.data.prompts.PROMPT_SCHEMA with no images (kind "qa"); `meta` holds the family, level, template
+and the operands. Held-out problems come from a derived seed and never repeat a training question.
 
 Launched through `data.task: word_problems` in a config (mpo_online.warm_start.ensure_tasks) or directly:
-    python -m mpo_online.word_problems --out DIR --n-train 2000 --n-heldout 200 --seed 0 --levels 1 2 3
+    python -m mpo_online.synthetic.word_problems --out DIR --n-train 2000 --n-heldout 200 --seed 0 --levels 1 2 3
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ def generate_problems(n: int, seed: int, *, levels: tuple[int, ...] = (1, 2, 3),
 def write_problem_splits(out_dir: str | Path, n_train: int, n_heldout: int, seed: int,
                          levels: tuple[int, ...] = (1, 2, 3)) -> dict:
     """train.parquet and heldout.parquet (PROMPT_SCHEMA) + tasks.json with the parameters and split counts."""
-    from mpo_online.data import write_prompts_parquet
-    from mpo_online.tasks import derive_seed
+    from mpo_online.data.prompts import write_prompts_parquet
+    from mpo_online.synthetic.tasks import derive_seed
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,8 @@ learning curve was found"):
   states — `check_chain` verifies that, and the warm start drills it on text-only chains first.
 
 Describe tasks ("Describe the image.", no ground truth) answer with one such line per colour of the palette.
-Pure functions, no I/O; used by mpo_online.tasks (demonstrations), mpo_online.evaluate, the loop's round records and
-the pairs' optional chosen-side check (chosen_checker, config pairs.chosen_check).
+Pure functions, no I/O; used by mpo_online.synthetic.tasks (demonstrations), mpo_online.evaluate, the loop's round
+records and the pairs' optional chosen-side check (chosen_checker, config pairs.chosen_check).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def pair_chain_rates(pairs: list[dict], meta_by_id: dict[str, dict]) -> dict:
     responses scan the grid (a worked chain, not a glance), read the image right and hold together. A high
     chosen_perceived means correct samples are correct for the right reason, so the pairs carry perception signal;
     chosen_scanned > rejected_scanned means the pairs prefer worked chains. {} when no pair is of a synthetic task."""
-    from mpo_online.records import message_text
+    from mpo_online.data.records import message_text
 
     n, rates = 0, dict.fromkeys(("chosen_scanned", "chosen_perceived", "chosen_consistent", "rejected_scanned",
                                  "rejected_perceived", "rejected_consistent"), 0)

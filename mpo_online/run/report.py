@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mpo_online.run_state import write_json_atomic
+from mpo_online.run.state import write_json_atomic
 
 
 class Reporter:
@@ -22,7 +22,7 @@ class Reporter:
         for entry in earlier.get("rounds", []):
             self.rounds[entry["round"]] = entry
         # the machine of each session of the run (a resumed run may have moved): wall times depend on it
-        from mpo_online.machine import describe_machine
+        from mpo_online.run.machine import describe_machine
         self.machines = earlier.get("machines", [])
         if describe_machine() not in self.machines:
             self.machines.append(describe_machine())
@@ -101,7 +101,7 @@ def _pct(x) -> str:
 
 
 def render_markdown(summary: dict) -> str:
-    from mpo_online.machine import machine_line
+    from mpo_online.run.machine import machine_line
     lines = ["# mpo-online run report", "",
              f"config hash `{summary['config_hash']}`, wall time {summary['wall_seconds']:.0f} s on "
              f"{' then '.join(machine_line(m) for m in summary.get('machines') or []) or 'an unrecorded machine'}",

@@ -3,7 +3,7 @@
 The protocol (why each piece exists):
 
 - `WeightSyncExtension` is mixed into every vLLM worker process (`worker_extension_cls=
-  "mpo_online.weight_sync.WeightSyncExtension"`); a replica calls it through `collective_rpc`, so tensor-parallel
+  "serving.weight_sync.WeightSyncExtension"`); a replica calls it through `collective_rpc`, so tensor-parallel
   shards all reload. On CPU the worker's own `reload_weights` is the only path that works after startup (linear weights
   are repacked at load; `model.load_weights` into them fails).
 - `PolicyRegistry` is a named, detached Ray actor holding the *desired state* (version, weight source, paused) plus

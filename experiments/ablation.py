@@ -1,9 +1,9 @@
 """The paper's Tables 6-7 in miniature: MPO vs DPO vs DPO+SFT vs RFT from the same warm start, over several seeds.
 
-    python benchmarks/ablation.py [--rounds 5] [--seeds 0 1 2] [--out runs/ablation] [key=value ...]
-    python benchmarks/ablation.py --report-only --out runs/ablation --seeds 0 1 2
-    python benchmarks/ablation.py --warm-start-from runs/tiny_cpu [...]    # every seed from that run's warm start
-    python benchmarks/ablation.py --objectives mpo rft [...]               # a subset of the objectives
+    python experiments/ablation.py [--rounds 5] [--seeds 0 1 2] [--out runs/ablation] [key=value ...]
+    python experiments/ablation.py --report-only --out runs/ablation --seeds 0 1 2
+    python experiments/ablation.py --warm-start-from runs/tiny_cpu [...]    # every seed from that run's warm start
+    python experiments/ablation.py --objectives mpo rft [...]               # a subset of the objectives
 
 For each seed s, the objectives (all four, or those given with --objectives) run the real loop (jobs/online_mpo.py)
 one after another in run directories `<out>/seed<s>/<objective>` (one Ray cluster at a time). They share the model,

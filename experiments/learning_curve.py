@@ -1,8 +1,8 @@
 """Does the loop improve the policy? Held-out accuracy per round of a real run, with one standard error.
 
-    python benchmarks/learning_curve.py [--config jobs/configs/learning_curve.yaml] [--run-dir runs/learning_curve]
+    python experiments/learning_curve.py [--config jobs/configs/learning_curve.yaml] [--run-dir runs/learning_curve]
                                         [--rounds N] [key=value ...]
-    python benchmarks/learning_curve.py --report-only --run-dir runs/tiny_cpu     # table of an existing run
+    python experiments/learning_curve.py --report-only --run-dir runs/tiny_cpu     # table of an existing run
 
 Runs the recipe (jobs/online_mpo.py, the same code `bash scripts/demo.sh` runs) in its own run directory — resuming
 it if it exists — with jobs/configs/learning_curve.yaml by default (the demo's embedded default with a warm start

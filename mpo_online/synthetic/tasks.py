@@ -9,18 +9,18 @@ tiny default policy sees one cell) and a short question whose answer needs the i
     level 3  "Multiply the number of red shapes by the number of green shapes.<image>" -> product
     open     "Describe the image.<image>"  (no ground truth; answer None, kind "open")
 
-The `<image>` placeholder puts the image after the question (mpo_online.records.content_parts), right before the
-response: see mpo_online.chains for why.
+The `<image>` placeholder puts the image after the question (mpo_online.data.records.content_parts), right before the
+response: see mpo_online.synthetic.chains for why.
 
 Each colour's count is drawn uniformly from 0..max_count (redrawn until the shapes fit the grid), so the question
 alone says little about the answer: `blind_accuracy_bound` measures how little. Every task carries a worked chain of
-thought (`solution`: scan-and-tally lines ending in "Final answer: <n>", mpo_online.chains) for warm-start SFT; open
-tasks carry a description in the same line format. `meta` holds the level, op, asked colours, counts, the grid as a
-row-major cell string (`cells`, one letter or "." per cell) and a glance-style chain (`glance`).
-Rows are in `mpo_online.data.PROMPT_SCHEMA`, the schema users bring their own prompts in.
+thought (`solution`: scan-and-tally lines ending in "Final answer: <n>", mpo_online.synthetic.chains) for warm-start
+SFT; open tasks carry a description in the same line format. `meta` holds the level, op, asked colours, counts, the grid
+as a row-major cell string (`cells`, one letter or "." per cell) and a glance-style chain (`glance`).
+Rows are in `mpo_online.data.prompts.PROMPT_SCHEMA`, the schema users bring their own prompts in.
 
 Launched by the jobs/CLI through `write_task_splits(out_dir, n_train, n_heldout, seed)`, or directly:
-    python -m mpo_online.tasks --out DIR --n-train 2000 --n-heldout 200 --seed 0
+    python -m mpo_online.synthetic.tasks --out DIR --n-train 2000 --n-heldout 200 --seed 0
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from mpo_online.chains import COLOR_LETTERS, describe_solution, glance_solution, worked_solution
-from mpo_online.records import IMAGE_PLACEHOLDER
+from mpo_online.data.records import IMAGE_PLACEHOLDER
+from mpo_online.synthetic.chains import COLOR_LETTERS, describe_solution, glance_solution, worked_solution
 
-FORMAT = 2  # 2: image after the question, scan-and-tally chains (mpo_online.chains); 1: glance chains, image first
+# 2: image after the question, scan-and-tally chains (mpo_online.synthetic.chains); 1: glance chains, image first
+FORMAT = 2
 
 # Far apart in RGB so one sampled pixel (or one 16 px patch) tells the colours apart.
 COLORS = {"red": (220, 20, 20), "green": (20, 170, 20), "blue": (20, 40, 220), "yellow": (240, 200, 0)}
@@ -218,7 +219,7 @@ def write_task_splits(out_dir: str | Path, n_train: int, n_heldout: int, seed: i
     (question, image) also occurs in train is skipped, so evaluation never sees a training item. Same arguments ->
     byte-identical files. `gen_kwargs` go to `generate_tasks` (grid, colors, max_count, levels, open_fraction).
     """
-    from mpo_online.data import write_prompts_parquet
+    from mpo_online.data.prompts import write_prompts_parquet
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -134,5 +134,6 @@ def build_model_dir(out: str | Path, *, text_only: bool = False, seed: int = 0, 
     model.save_pretrained(out, safe_serialization=True)
     n_params = sum(p.numel() for p in model.parameters())
     (out / "mpo_online_model.json").write_text(json.dumps(
-        {"built_by": "mpo_online.tiny_model", "seed": seed, "text_only": text_only, "parameters": n_params}, indent=1))
+        {"built_by": "mpo_online.synthetic.tiny_model", "seed": seed, "text_only": text_only, "parameters": n_params},
+        indent=1))
     return out

@@ -1,10 +1,10 @@
 """Are the policy's *correct* samples correct for the right reason? A diagnostic for runs on the synthetic tasks.
 
-    python benchmarks/chosen_coherence.py runs/tiny_cpu [--data artifacts/tasks]
+    python experiments/chosen_coherence.py runs/tiny_cpu [--data artifacts/tasks]
 
 The verifier only checks final answers. On the synthetic tasks a chain states what it read from the image (one scan
-line per asked colour, mpo_online.chains) and the task's metadata holds the grid, so for the correctness pairs of
-every round this prints the share of chosen (correct) and rejected responses whose scan lines match the image
+line per asked colour, mpo_online.synthetic.chains) and the task's metadata holds the grid, so for the correctness
+pairs of every round this prints the share of chosen (correct) and rejected responses whose scan lines match the image
 (`perceived`) and whose final answer follows from the lines (`consistent`). A low chosen `perceived` share means the
 correct answers are mostly lucky: their pairs teach little about perception. (The loop records the same figures per
 round in summary.json, under pairs.chains.)
@@ -26,8 +26,8 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from mpo_online.chains import pair_chain_rates
-    from mpo_online.data import load_prompts
+    from mpo_online.data.prompts import load_prompts
+    from mpo_online.synthetic.chains import pair_chain_rates
 
     meta = {r["id"]: json.loads(r["meta"]) for r in load_prompts(Path(a.data) / "train.parquet")[0] if r.get("meta")}
     print(f"{'round':>5} {'pairs':>6} {'chosen perceived':>17} {'chosen consistent':>18} {'rejected perceived':>19} "

@@ -7,7 +7,7 @@ Called by the training loop once per round (no command of its own). Stages, all 
 moves on as soon as its generations return, so pair building and Dropout-NTP requests overlap later rollouts):
 
   select   (tasks)  keep this round's prompt ids (mpo_online.pairs.sample_round_prompts); bad rows (corrupt
-                    image, empty question, ...: mpo_online.data.check_row) are marked rejected, not dropped
+                    image, empty question, ...: mpo_online.data.prompts.check_row) are marked rejected, not dropped
   rollout  (tasks)  one request per prompt with n = samples_per_prompt, through the PolicyClient (Serve handles);
                     `concurrency` tasks keep several batches in flight so the engines stay busy. Every sample comes
                     back with its token ids and the engine's per-token log-probs (and the prompt's token ids)
@@ -17,7 +17,7 @@ moves on as soon as its generations return, so pair building and Dropout-NTP req
   ntp      (tasks)  the image-less continuation requests for those (the chosen's first k token ids after the
                     text-only chat prompt; the server renders it, so no worker loads a tokenizer), then the pairs
 
-The driver consumes the stream and writes `round_XXXX/` (mpo_online.round_outputs): pairs.parquet
+The driver consumes the stream and writes `round_XXXX/` (mpo_online.rollout.outputs): pairs.parquet
 (records.pair_schema, with token ids and engine log-probs), rollouts.parquet (every sample and continuation with its
 verdict, token ids, engine log-probs and the prompt token ids the engine used), rejects.jsonl, pairs_stats.json. Rows
 travel between stages as Arrow tables in one fixed schema (WORK_SCHEMA) whose nested values are JSON strings: an
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from mpo_online.chains import CHOSEN_CHECKS, chosen_checker, row_meta
+from mpo_online.data.records import PreferencePair, Rollout, openai_messages, write_text_atomic
 from mpo_online.pairs import (
     correctness_pairs,
     derive_seed,
@@ -51,8 +51,8 @@ from mpo_online.pairs import (
     ntp_pair,
     sample_round_prompts,
 )
-from mpo_online.records import PreferencePair, Rollout, openai_messages, write_text_atomic
-from mpo_online.round_outputs import RoundStats, collect_round, dead_row, interval_union, json_field
+from mpo_online.rollout.outputs import RoundStats, collect_round, dead_row, interval_union, json_field
+from mpo_online.synthetic.chains import CHOSEN_CHECKS, chosen_checker, row_meta
 
 WORK_SCHEMA = pa.schema([
     ("id", pa.string()), ("kind", pa.string()), ("question", pa.string()),
@@ -122,7 +122,7 @@ def _resolve_client(client):
     if hasattr(client, "generate"):
         return client
     if isinstance(client, str):
-        from mpo_online.serve_client import PolicyClient
+        from serving.client import PolicyClient
         return PolicyClient(client)
     return client()
 
@@ -143,7 +143,7 @@ def _select(batch: pa.Table, *, ids: list, cot_instruction: str) -> pa.Table:
     """Keep this round's prompts; validate them; reshape into WORK_SCHEMA rows."""
     import pyarrow.compute as pc
 
-    from mpo_online.data import check_row
+    from mpo_online.data.prompts import check_row
     t0 = time.time()
     rows = batch.filter(pc.is_in(batch["id"], value_set=pa.array(ids, pa.string()))).to_pylist()
     out = []
@@ -291,14 +291,14 @@ def run_round(prompts_ds, *, client, round: int, policy_version: int, out_dir, s
     `concurrency` rollout calls in flight: batch_size x concurrency x samples_per_prompt sequences (defaults: 256,
     vLLM's default max_num_seqs). `data_cpus`: logical CPUs per Ray Data task (the generation tasks mostly wait).
     `progress(samples_done, samples_total, pairs_done)` is called as finished prompts reach the driver.
-    `chosen_check`: which correct responses may be chosen (config pairs.chosen_check, mpo_online.chains).
+    `chosen_check`: which correct responses may be chosen (config pairs.chosen_check, mpo_online.synthetic.chains).
     """
     if chosen_check not in CHOSEN_CHECKS:  # here, not as a failed task deep in the stream
         raise ValueError(f"chosen_check must be one of {CHOSEN_CHECKS}, got {chosen_check!r}")
     import ray
 
     t_start = time.time()
-    from mpo_online.trainer.batching import input_placeholder_ids
+    from mpo_online.data.records import input_placeholder_ids
 
     placeholder_ids = sorted(input_placeholder_ids(policy_dir)) if policy_dir is not None else []
     sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, round=round)

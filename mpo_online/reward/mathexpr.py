@@ -3,7 +3,7 @@
     tree_and_flag = parse("\\frac{1}{2}x + 3")   # (tree, has_decimal) or None outside the safe subset
     trees_equal(a, b, approx=False)                  # exact for rationals, else by value at fixed random points
 
-Used only by mpo_online.verify (see its docstring for the whole grading contract and why not sympy). Inputs are
+Used only by mpo_online.reward.verify (see its docstring for the whole grading contract and why not sympy). Inputs are
 hostile model output, so every step is bounded by construction: no eval, no timeouts, only the stdlib.
 """
 

@@ -1,4 +1,4 @@
-"""Where the components' output goes while the loop's console owns the terminal (mpo_online.console, not --verbose).
+"""Where the components' output goes while the loop's console owns the terminal (mpo_online.run.console, not --verbose).
 
     logs = ComponentLogs(run_dir / "logs", on_error=print_to_terminal)
     logs.start()          # from here on: this process's fd 1/2 -> logs/driver.log, Ray workers' lines -> by component

@@ -1,12 +1,12 @@
 """Grade model answers: pull the final answer out of a completion and decide whether it equals the gold answer.
 
-    from mpo_online.verify import extract_final_answer, answers_match
+    from mpo_online.reward.verify import extract_final_answer, answers_match
     pred = extract_final_answer(completion)       # "7" from "... Final answer: 7." (None when there is none)
     ok = pred is not None and answers_match(pred, gold)
 
 The reward function calls these on raw model output, i.e. hostile input, from Ray worker threads. So:
 - Nothing here calls eval, `sympify` or `parse_expr` (they eval strings). A small tokenizer and recursive-descent
-  parser (mpo_online/mathexpr.py) accept a safe subset (numbers, + - * / ^ **, brackets, unary minus, implicit
+  parser (mpo_online/reward/mathexpr.py) accept a safe subset (numbers, + - * / ^ **, brackets, unary minus, implicit
   multiplication, \\frac, \\dfrac, \\sqrt, \\sqrt[n], pi, single-letter variables) and build a tiny expression
   tree: exact `fractions.Fraction`s folded as they are built, and ("var" | "pi" | "add" | "mul" | "pow") tuples
   otherwise.
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import re
 
-from mpo_online.mathexpr import BRACKETS, MAX_EXPR, parse, symbols, trees_equal
+from mpo_online.reward.mathexpr import BRACKETS, MAX_EXPR, parse, symbols, trees_equal
 
 MAX_RAW = 1000  # longer inputs are not answers; refuse before any regex work
 MAX_ITEMS = 20  # tuple elements

@@ -1,6 +1,6 @@
 """Engine/trainer log-prob parity: does the trainer score exactly the distribution the engine sampled?
 
-    report = round_parity(round_dir, policy_dir)       # a round written by mpo_online.rollout_pipeline.run_round
+    report = round_parity(round_dir, policy_dir)       # a round written by mpo_online.rollout.pipeline.run_round
 
 For every pair in `round_dir/pairs.parquet` it runs the trainer's own batching (PairCollator) and per-token log-probs
 (`mpo_online.trainer.logps.token_logps`, fp32) on the policy that sampled the round, and compares them with what
@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from mpo_online.records import message_text, user_message
+from mpo_online.data.records import message_text, user_message
 
 KINDS = ("correctness_chosen", "correctness_rejected", "ntp_chosen", "ntp_continuation")
 

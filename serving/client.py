@@ -68,7 +68,7 @@ class PolicyClient:
     @property
     def registry(self):
         if self._registry is None:
-            from mpo_online.weight_sync import get_registry
+            from serving.weight_sync import get_registry
 
             self._registry = get_registry(self.registry_name, create=False)
         return self._registry
@@ -117,7 +117,7 @@ class PolicyClient:
 
     async def publish_async(self, version: int, weights_dir: str | Path | None = None, *,
                             weights_bytes: bytes | None = None, timeout_s: float = 300.0) -> dict:
-        from mpo_online.weight_sync import make_source, publish_and_wait
+        from serving.weight_sync import make_source, publish_and_wait
 
         source = make_source(weights_dir=weights_dir, weights_bytes=weights_bytes)
         return await publish_and_wait(self.registry, int(version), source,

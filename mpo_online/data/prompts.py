@@ -1,7 +1,7 @@
 """The prompt schema and its readers: any parquet/JSONL prompt set -> a Ray Dataset of valid rows + a quarantine file.
 
-Every prompt mpo-online samples from, built-in synthetic tasks (mpo_online/tasks.py) or a user's own data, is a row of
-`PROMPT_SCHEMA`:
+Every prompt mpo-online samples from, built-in synthetic tasks (mpo_online/synthetic/tasks.py) or a user's own data,
+is a row of `PROMPT_SCHEMA`:
 
     id        string             unique key; pairs, rollouts and metrics refer to prompts by it
     question  string             the user turn's text; "<image>" marks where each image goes (one per image; without

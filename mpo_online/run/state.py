@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from mpo_online.config import RunConfig, dump_config
-from mpo_online.records import RoundManifest, write_text_atomic
+from mpo_online.data.records import RoundManifest, write_text_atomic
 
 PHASES = ("started", "pairs", "trained", "swapped", "evaluated", "done")
 
@@ -70,12 +70,12 @@ class RunDir:
 
     def record_session(self, argv: list[str], note: str | None = None) -> dict:
         """Append this session's command line, code commit, date and machine to <run>/sessions.jsonl: what a results
-        table (mpo_online/results.py) cites for the run's figures."""
+        table (mpo_online/run/results.py) cites for the run's figures."""
         import datetime
         import subprocess
 
-        from mpo_online.machine import describe_machine
-        repo = Path(__file__).resolve().parents[1]
+        from mpo_online.run.machine import describe_machine
+        repo = Path(__file__).resolve().parents[2]
 
         def git(*args):
             try:

@@ -14,7 +14,7 @@ With --grad-norms it also prints, at the starting policy (where every reward is 
 MPO's weighted terms over micro-batches of 8 pairs (rewards on the first differing token, as in learning_curve.yaml).
 
 This is what showed why MPO trailed RFT here (docs/experiments.md, "Why MPO trailed RFT, and `mpo.sft_paired`"). Usage:
-  python benchmarks/pair_shift.py runs/X/rounds/round_0001 runs/X/policies/v0000 runs/X/policies/v0001 runs/Y/...
+  python experiments/pair_shift.py runs/X/rounds/round_0001 runs/X/policies/v0000 runs/X/policies/v0001 runs/Y/...
 The first policy is the one that sampled the round (the reference); run directories are not modified.
 """
 
@@ -31,9 +31,9 @@ sys.path.insert(0, REPO)
 
 def score(policy_dir: str, rows: list[dict]) -> list[tuple[list[float], list[float]]]:
     """Per pair: (chosen per-token log-probs, rejected per-token log-probs) under `policy_dir`."""
-    from mpo_online.parity import _score, _targets
     from mpo_online.trainer.batching import PairCollator
     from mpo_online.trainer.logps import load_model
+    from mpo_online.trainer.parity import _score, _targets
 
     model = load_model(policy_dir)
     collator = PairCollator.from_pretrained(policy_dir, max_length=2048, pairs=True)
@@ -76,9 +76,9 @@ def term_grad_norms(policy_dir: str, rows: list[dict], *, beta=0.1, weights=(0.8
     (reference = policy)."""
     import torch
 
-    from mpo_online.losses import mpo_loss
     from mpo_online.trainer.batching import PairCollator
     from mpo_online.trainer.logps import load_model, sequence_logps
+    from mpo_online.trainer.losses import mpo_loss
 
     model = load_model(policy_dir)
     collator = PairCollator.from_pretrained(policy_dir, max_length=2048, pairs=True, pref_span="first_diff_token")

@@ -1,7 +1,7 @@
 """How fast does the tiny default policy learn the synthetic tasks? Held-out greedy accuracy vs. SFT steps.
 
-    python benchmarks/sft_curve.py [--scale-factor 1] [--n-train 16000] [--epochs 2] [--lr 2e-3] [--eval-every 125]
-    python benchmarks/sft_curve.py --init runs/tiny_cpu/policies/v0000 --steps 25 --lr 2e-4 --eval-every 25
+    python experiments/sft_curve.py [--scale-factor 1] [--n-train 16000] [--epochs 2] [--lr 2e-3] [--eval-every 125]
+    python experiments/sft_curve.py --init runs/tiny_cpu/policies/v0000 --steps 25 --lr 2e-4 --eval-every 25
 
 Sizing the warm start (and explaining what an online round can add) needs the learning curve of plain supervised
 fine-tuning on gold demonstrations. This runs it in one process with plain PyTorch AdamW (no Ray, no DeepSpeed: the
@@ -29,8 +29,8 @@ def greedy_accuracy(model, processor, rows: list[dict], max_new_tokens: int = 12
     import torch
     from PIL import Image
 
-    from mpo_online.records import user_message
-    from mpo_online.verify import answers_match, extract_final_answer
+    from mpo_online.data.records import user_message
+    from mpo_online.reward.verify import answers_match, extract_final_answer
 
     model.eval()
     tok = processor.tokenizer
@@ -81,11 +81,11 @@ def main() -> None:
 
     import torch
 
-    from mpo_online.data import load_prompts
+    from mpo_online.data.prompts import load_prompts
+    from mpo_online.data.records import pairs_to_table
     from mpo_online.pairs import rft_examples
-    from mpo_online.records import pairs_to_table
-    from mpo_online.tasks import write_task_splits
-    from mpo_online.tiny_model import build_model_dir
+    from mpo_online.synthetic.tasks import write_task_splits
+    from mpo_online.synthetic.tiny_model import build_model_dir
     from mpo_online.trainer.batching import PairCollator
     from mpo_online.trainer.logps import load_model, sequence_logps
     from mpo_online.warm_start import sft_examples

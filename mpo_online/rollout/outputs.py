@@ -1,6 +1,6 @@
 """What a rollout round leaves behind: its files (pairs.parquet, rollouts.parquet, rejects.jsonl) and statistics.
 
-`collect_round` is the driver's last step of mpo_online.rollout_pipeline.run_round: it takes the stream's finished
+`collect_round` is the driver's last step of mpo_online.rollout.pipeline.run_round: it takes the stream's finished
 work rows (rollout_pipeline.WORK_SCHEMA, nested values as JSON strings) in round order and writes the files; rerun
 with the same rows it writes byte-identical files. `RoundStats` is what run_round returns (and the loop records).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from mpo_online.records import PreferencePair, pairs_to_table, write_parquet_atomic, write_text_atomic
+from mpo_online.data.records import PreferencePair, pairs_to_table, write_parquet_atomic, write_text_atomic
 
 ROLLOUT_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("kind", pa.string()), ("source", pa.string()), ("round", pa.int32()),

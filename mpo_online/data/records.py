@@ -1,9 +1,9 @@
 """Typed records passed between stages, and their one conversion to and from Arrow.
 
-Stages: prompts (mpo_online.data.PROMPT_SCHEMA) -> `Rollout` (one sampled response, verified) -> `PreferencePair`
-(what the trainer consumes) -> `RoundManifest` (what a round did, for resume). Pairs are stored in the layout TRL's
-DPOTrainer reads: conversational `prompt` / `chosen` / `rejected` message lists and an `images` column in the
-Hugging Face `Image` feature layout ({bytes, path}), plus metadata columns. SFT examples (warm start, RFT baseline)
+Stages: prompts (mpo_online.data.prompts.PROMPT_SCHEMA) -> `Rollout` (one sampled response, verified) ->
+`PreferencePair` (what the trainer consumes) -> `RoundManifest` (what a round did, for resume). Pairs are stored in the
+layout TRL's DPOTrainer reads: conversational `prompt` / `chosen` / `rejected` message lists and an `images` column in
+the Hugging Face `Image` feature layout ({bytes, path}), plus metadata columns. SFT examples (warm start, RFT baseline)
 use the same schema with an empty `rejected`.
 
 Token ids and engine log-probs: a response sampled by the engine keeps the token ids it was sampled as and the
@@ -32,7 +32,7 @@ class Rollout:
     text: str
     n_tokens: int
     finish_reason: str
-    final_answer: str | None = None  # mpo_online.verify.extract_final_answer(text)
+    final_answer: str | None = None  # mpo_online.reward.verify.extract_final_answer(text)
     correct: bool | None = None  # None: no ground truth
     token_ids: list[int] | None = None  # as sampled (a final EOS included when generation stopped on it)
     logprobs: list[float] | None = None  # per token: the engine's log pi(token | prompt, earlier tokens)
@@ -250,3 +250,19 @@ def openai_messages(question: str, images: list[bytes], *, with_images: bool = T
     if not with_images:
         return [{"role": "user", "content": [{"type": "text", "text": strip_placeholders(question)}]}]
     return [{"role": "user", "content": content_parts(question, len(images), image_url)}]
+
+
+# config.json keys that name a model's input placeholder tokens (Idefics3, Qwen2.5-VL, LLaVA, ...)
+PLACEHOLDER_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index", "audio_token_id",
+                    "audio_token_index")
+
+
+def input_placeholder_ids(model_dir) -> set[int]:
+    """Token ids the model's forward replaces by encoder features (`<image>`, ...), from its config.json: they may
+    appear in a prompt, never in a response the trainer scores. Empty for text-only models. (Rollouts drop samples
+    holding them; the trainer masks them.)"""
+    from pathlib import Path
+
+    path = Path(model_dir) / "config.json"
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    return {int(cfg[k]) for k in PLACEHOLDER_KEYS if isinstance(cfg.get(k), int)}

@@ -1,7 +1,7 @@
 """Render results tables from run directories, so that no figure in the docs is typed by hand.
 
-    python -m mpo_online.results runs/smollm2_cpu runs/smollm2_rft > docs/results.md
-    python -m mpo_online.results --title "SmolLM2-135M, word problems" RUN [RUN ...]
+    python -m mpo_online.run.results runs/smollm2_cpu runs/smollm2_rft > docs/results.md
+    python -m mpo_online.run.results --title "SmolLM2-135M, word problems" RUN [RUN ...]
 
 Each run directory (written by jobs/online_mpo.py) gives one row: the objective and model from its config.yaml,
 held-out greedy CoT accuracy per round and the gain over round 0 from summary.json, direct-answer accuracy and
@@ -38,7 +38,7 @@ def _read_run(run: Path) -> dict:
 
 def run_row(run: Path) -> dict:
     """The figures of one run directory, as a dict of display strings."""
-    from mpo_online.machine import machine_line
+    from mpo_online.run.machine import machine_line
 
     r = _read_run(run)
     rounds = r["rounds"]
@@ -68,7 +68,7 @@ def run_row(run: Path) -> dict:
 def render(runs: list[Path], title: str = "Results") -> str:
     rows = [run_row(Path(r)) for r in runs]
     out = [f"# {title}", "",
-           "Rendered by `python -m mpo_online.results " + " ".join(str(r) for r in runs) + "` from the run "
+           "Rendered by `python -m mpo_online.run.results " + " ".join(str(r) for r in runs) + "` from the run "
            "directories (summary.json, config.yaml, sessions.jsonl). Accuracy: held-out greedy, % of prompts.", "",
            "| run | objective | model | CoT acc by round (0 = start) | gain | direct (last) | format fail (last) | "
            "held-out | pairs per round | minutes per round |",

@@ -1,8 +1,8 @@
 """What machine a figure was measured on: CPU model, cores and vector width (Linux /proc/cpuinfo; stdlib only).
 
 Machines of this project's kind come with AVX-512 or AVX2 only, and that changes wall times 2-3x, so every timing
-the project prints names it: the run's start line (mpo_online/console.py), report.md and summary.json
-(mpo_online/report.py). The float kernels are pinned to AVX2 on both (mpo_online/__init__.py): the vector width
+the project prints names it: the run's start line (mpo_online/run/console.py), report.md and summary.json
+(mpo_online/run/report.py). The float kernels are pinned to AVX2 on both (mpo_online/__init__.py): the vector width
 changes how fast a run is, not what it computes (torch side; vLLM's own kernels are not pinned).
 """
 
