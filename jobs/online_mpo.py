@@ -88,11 +88,12 @@ def main(argv=None) -> int:
     console.phase(0, "warm start", watch=train_progress_watcher(run.root / "warm_start_train"))
     warm = warm_start_from_config(cfg, force=True, evaluate_offline=False, session=session)  # run dir checked above
     console.done(warm.get("train") or warm.get("note") or "policy v0 from an earlier session")
-    train_rows, quarantine = load_prompts(f"{warm['data']}/train.parquet",
+    train_rows, quarantine = load_prompts(f"{warm['data']}/train.parquet", images_anywhere=cfg.data.images_anywhere,
                                           quarantine_path=run.root / "prompts_rejects.jsonl")
     prompts = to_ray_dataset(train_rows)
     task_meta = synthetic_meta(train_rows)
-    heldout = load_prompts(f"{warm['data']}/heldout.parquet", quarantine_path=run.root / "heldout_rejects.jsonl")[0]
+    heldout = load_prompts(f"{warm['data']}/heldout.parquet", quarantine_path=run.root / "heldout_rejects.jsonl",
+                           images_anywhere=cfg.data.images_anywhere)[0]
     console.phase(0, "serve", note=f"starting {cfg.serving.replicas} replica(s)")
     serve_boot.join()
     client = start_policy_server(str(run.policy_dir(0)), dtype=cfg.model.dtype, served_from={"run_dir": str(run.root)},

@@ -36,6 +36,9 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     dir: str = "artifacts/tasks"  # holds train.parquet and heldout.parquet (the prompt schema, mpo_online.data.prompts)
     generate_if_missing: bool = True  # write synthetic tasks to `dir` when it has none
+    # image paths in the prompt files must resolve inside `dir` (a row pointing elsewhere is quarantined with reason
+    # image_outside_root); true lets them point anywhere this machine can read
+    images_anywhere: bool = False
     # which synthetic family `generate_if_missing` writes: counting shapes in grid images
     # (mpo_online/synthetic/tasks.py; levels 1-3) or text-only arithmetic word problems
     # (mpo_online/synthetic/word_problems.py; levels 1-4, no max_count/open tasks)

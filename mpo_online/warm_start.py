@@ -152,7 +152,7 @@ def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool =
             (run.root / "warm_start.json").write_text(json.dumps(result, indent=1, default=str))
     if evaluate_offline:
         from mpo_online.evaluate import evaluate, offline_generator
-        heldout = load_prompts(data / "heldout.parquet")[0]
+        heldout = load_prompts(data / "heldout.parquet", images_anywhere=cfg.data.images_anywhere)[0]
         gen = offline_generator(str(out), max_model_len=cfg.serving.max_model_len, kv_cache_gb=cfg.serving.kv_cache_gb)
         result["eval"] = evaluate(gen, heldout, cot_instruction=cfg.data.cot_instruction,
                                   direct_instruction=cfg.data.direct_instruction, max_tokens=cfg.rollout.max_tokens)
@@ -171,7 +171,7 @@ def _train_warm_start(cfg, run, *, base: Path, data: Path, out: Path, session) -
     from mpo_online.trainer.session import TrainerSession
 
     ws, t, res = cfg.warm_start, cfg.trainer, cfg.resources
-    rows = load_prompts(data / "train.parquet")[0]
+    rows = load_prompts(data / "train.parquet", images_anywhere=cfg.data.images_anywhere)[0]
     kw = dict(examples=ws.examples, cot_instruction=cfg.data.cot_instruction,
               direct_instruction=cfg.data.direct_instruction, direct_fraction=ws.direct_fraction,
               glance_fraction=ws.glance_fraction, seed=cfg.data.seed)
