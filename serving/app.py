@@ -218,7 +218,8 @@ def run_policy_of(model_dir: str | Path) -> dict:
 def serve_main(model_dir: str | Path, port: int = 8000, replicas: int = 1, admin_token: str | None = None,
                keep_alive: bool = True, host: str = "127.0.0.1", dtype: str | None = None,
                **app_options) -> PolicyClient:
-    """CLI entry (`mpo-online serve`): serve `model_dir` on host:port until Ctrl-C (or return if not keep_alive).
+    """CLI entry (`mpo-online serve`): serve `model_dir` on host:port until Ctrl-C or SIGTERM (or return if not
+    keep_alive).
 
     A run's policy (`runs/x/policies/v0005`) is served as its own version (`policy@v5`, `x-policy-version: 5`; later
     publishes must be newer); `dtype` None = the checkpoint's own, so the server answers as the evaluation did.
@@ -241,6 +242,13 @@ def serve_main(model_dir: str | Path, port: int = 8000, replicas: int = 1, admin
           f"replica(s)); admin routes {'on (Bearer token)' if admin_token else 'off'}", flush=True)
     if not keep_alive:
         return client
+    import signal
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C, and SIGTERM from a service manager or `kill`: both delete the app (the engines exit with it)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(3600)

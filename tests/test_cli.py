@@ -46,7 +46,8 @@ def test_serve_names_the_run_policy_and_its_dtype_and_answers_503_until_ready(tm
     port = _free_port()
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(CLI + ["serve", "--model", str(policy), "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": "local"})
+                            stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": "local"},
+                            start_new_session=True)  # its own process group: the Ray cluster it starts goes with it
     base = f"http://127.0.0.1:{port}/v1"
     try:
         statuses, t0 = [], time.time()
@@ -70,11 +71,19 @@ def test_serve_names_the_run_policy_and_its_dtype_and_answers_503_until_ready(tm
             assert proc.poll() is None and time.time() - t0 < 600
             time.sleep(0.5)
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        # SIGTERM, as a service manager stops it (SIGINT is what Ctrl-C sends, but a background job started by a
+        # non-interactive shell, like CI's, inherits SIGINT ignored)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # leave no Ray cluster behind for the tests after this one
+            proc.wait(timeout=60)
+            raise
     out = open(tmp_path / "serve.log").read()
     assert f"[serve] ready: policy v5 of run {run.resolve()} as policy@v5 (float32)" in out
     assert "dtype=torch.float32" in out and "Downcasting" not in out  # the engine runs what the loop evaluated
+    assert "[serve] shutting down" in out and proc.returncode == 0
 
 
 def test_eval_reports_quarantined_rows_and_keeps_them_beside_the_result(tmp_path):

