@@ -81,9 +81,11 @@ def _eval(a: argparse.Namespace) -> None:
 
 
 def _serve(a: argparse.Namespace) -> None:
+    from mpo_online.run.state import RunDir
     from serving.app import serve_main
     try:
-        serve_main(a.model, port=a.port, replicas=a.replicas, admin_token=a.admin_token, dtype=a.dtype)
+        serve_main(a.model, port=a.port, replicas=a.replicas, admin_token=a.admin_token, dtype=a.dtype,
+                   origin=RunDir.policy_origin(a.model))
     except FileNotFoundError as exc:
         sys.exit(f"mpo-online serve: {exc}")
 

@@ -204,32 +204,22 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
     return "float32"
 
 
-def run_policy_of(model_dir: str | Path) -> dict:
-    """`<run>/policies/vNNNN` of a loop run -> {"run_dir", "policy_version"}; {} for any other checkpoint."""
-    import re
-
-    p = Path(model_dir).resolve()
-    m = re.fullmatch(r"v(\d+)", p.name)
-    if m and p.parent.name == "policies" and (p.parent.parent / "run.json").exists():
-        return {"run_dir": str(p.parent.parent), "policy_version": int(m.group(1))}
-    return {}
-
-
 def serve_main(model_dir: str | Path, port: int = 8000, replicas: int = 1, admin_token: str | None = None,
                keep_alive: bool = True, host: str = "127.0.0.1", dtype: str | None = None,
-               **app_options) -> PolicyClient:
+               origin: dict | None = None, **app_options) -> PolicyClient:
     """CLI entry (`mpo-online serve`): serve `model_dir` on host:port until Ctrl-C or SIGTERM (or return if not
     keep_alive).
 
-    A run's policy (`runs/x/policies/v0005`) is served as its own version (`policy@v5`, `x-policy-version: 5`; later
-    publishes must be newer); `dtype` None = the checkpoint's own, so the server answers as the evaluation did.
+    `origin` {"run_dir", "policy_version"} (a loop run's policy, mpo_online.run.state.RunDir.policy_origin) serves it
+    as its own version (`policy@v5`, `x-policy-version: 5`; later publishes must be newer); `dtype` None = the
+    checkpoint's own, so the server answers as the evaluation did.
     """
     import ray
 
     if not (Path(model_dir) / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
     dtype = dtype or checkpoint_dtype(model_dir)
-    origin = run_policy_of(model_dir)
+    origin = origin or {}
     version = origin.get("policy_version", 0)
     if not ray.is_initialized():
         ray.init()

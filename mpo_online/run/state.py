@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from mpo_online.config import RunConfig, dump_config
@@ -94,6 +95,16 @@ class RunDir:
     # --- policies -------------------------------------------------------------------------------------------------
     def policy_dir(self, version: int) -> Path:
         return self.root / "policies" / f"v{version:04d}"
+
+    @staticmethod
+    def policy_origin(path: str | Path) -> dict:
+        """The inverse of `policy_dir`: `<run>/policies/vNNNN` of a run directory -> {"run_dir", "policy_version"};
+        {} for any other checkpoint (what `mpo-online serve` names and versions a served policy by)."""
+        p = Path(path).resolve()
+        m = re.fullmatch(r"v(\d+)", p.name)
+        if m and p.parent.name == "policies" and (p.parent.parent / "run.json").exists():
+            return {"run_dir": str(p.parent.parent), "policy_version": int(m.group(1))}
+        return {}
 
     def has_policy(self, version: int) -> bool:
         d = self.policy_dir(version)
