@@ -90,7 +90,10 @@ def main(argv=None) -> int:
     console.done(warm.get("train") or warm.get("note") or "policy v0 from an earlier session")
     train_rows, quarantine = load_prompts(f"{warm['data']}/train.parquet", images_anywhere=cfg.data.images_anywhere,
                                           quarantine_path=run.root / "prompts_rejects.jsonl")
-    prompts = to_ray_dataset(train_rows)
+    # rows without a gold answer only make Dropout-NTP pairs: with it off they are not sampled (they were ~25% of a
+    # round's generated tokens on the tiny default)
+    prompts = to_ray_dataset(train_rows if rollout_kwargs(cfg)["dropout_ntp"]
+                             else [r for r in train_rows if r.get("answer") is not None])
     task_meta = synthetic_meta(train_rows)
     heldout = load_prompts(f"{warm['data']}/heldout.parquet", quarantine_path=run.root / "heldout_rejects.jsonl",
                            images_anywhere=cfg.data.images_anywhere)[0]

@@ -176,10 +176,11 @@ def _train_warm_start(cfg, run, *, base: Path, data: Path, out: Path, session) -
               direct_instruction=cfg.data.direct_instruction, direct_fraction=ws.direct_fraction,
               glance_fraction=ws.glance_fraction, seed=cfg.data.seed)
     stage1_out = run.root / "warm_start_stage1" if ws.stage2_examples else out
-    stages = [("warm_start", warm_start_data(rows, text_drills=ws.text_drills, **kw), base, stage1_out, ws.lr)]
+    stop = dict(stop_loss=ws.stop_loss, stop_window=ws.stop_window)
+    stages = [("warm_start", warm_start_data(rows, text_drills=ws.text_drills, **kw), base, stage1_out, ws.lr, stop)]
     if ws.stage2_examples:
         stages.append(("warm_start_stage2", stage2_data(rows, count=ws.stage2_examples, **kw), stage1_out, out,
-                       ws.stage2_lr))
+                       ws.stage2_lr, {}))
     if not ray.is_initialized():
         ray.init(num_cpus=res.num_cpus, num_gpus=res.num_gpus, include_dashboard=False)
     own = session is None
@@ -188,18 +189,18 @@ def _train_warm_start(cfg, run, *, base: Path, data: Path, out: Path, session) -
                                        worker_gpus=res.train_worker_gpus,
                                        storage_dir=str(run.root / "warm_start_train"))
     try:
-        for name, examples, src, dst, lr in stages:
+        for name, examples, src, dst, lr, stop in stages:
             sft_path = run.root / f"{name}_sft.parquet"
             write_parquet_atomic(pairs_to_table(examples), sft_path)
             trained = session.train(
                 str(sft_path), policy_dir=str(src), out_dir=str(dst), objective="sft", weights=(0.0, 0.0, 1.0),
-                run_name=name, group_by=t.group_by,
+                run_name=name, group_by=ws.group_by or t.group_by,
                 progress_file=str(run.root / "warm_start_train" / "warm_start" / TRAIN_PROGRESS_FILE),
                 lr=lr, weight_decay=0.0, warmup_ratio=t.warmup_ratio, epochs=ws.epochs,
                 micro_batch_size=ws.micro_batch_size, global_batch_size=ws.global_batch_size,
                 zero_stage=t.zero_stage, precision=t.precision, max_grad_norm=t.max_grad_norm,
                 max_nonfinite_steps=t.max_nonfinite_steps, logps_chunk_size=t.logps_chunk_size,
-                max_length=t.max_length, seed=t.seed)
+                max_length=t.max_length, seed=t.seed, **stop)
     finally:
         if own:
             session.close()

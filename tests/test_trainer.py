@@ -229,6 +229,16 @@ def test_training_reads_the_sampled_token_ids():
         train_columns(["prompt", "chosen"], pairs=True)
 
 
+def test_early_stop_on_the_loss(session_runs):
+    from mpo_online.trainer.worker import _loss_below
+    hist = [{"loss": x} for x in (0.5, 0.2, 0.1, 0.06)]
+    assert not _loss_below(hist, None, 2) and not _loss_below(hist[:1], 1.0, 2)
+    assert _loss_below(hist, 0.081, 2) and not _loss_below(hist, 0.079, 2)   # mean of the last two: 0.08
+    stopped = session_runs["stopped"]
+    assert stopped.metrics["steps"] == 1 and stopped.metrics["total_steps"] == 3 and stopped.metrics["stopped_early"]
+    assert not session_runs["r1"].metrics["stopped_early"]
+
+
 def test_schedule_and_plan():
     from mpo_online.trainer import plan_steps
     from mpo_online.trainer.worker import lr_factor
@@ -331,13 +341,16 @@ def session_runs(ray4, models, pairs_file, tmp_path_factory):
                      progress_file=str(root / "progress" / "progress.json"), **kw)
         redo = s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / "p1_redo", delta_state=CARRIED, seed=1,
                        **kw)
+        # any loss is below 100: the call ends after its first optimizer step (of 3)
+        stopped = s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / "p_stop", seed=1, stop_loss=100.0,
+                          stop_window=1, **kw)
         with pytest.raises(RuntimeError, match="non-finite"):
             s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / "bad", seed=1, max_nonfinite_steps=0,
                     _nan_on_micro_batches=(0, 1, 2), **kw)
         failed_closed = s.closed
     finally:
         s.close()
-    return {"root": root, "r1": r1, "r2": r2, "redo": redo, "failed_closed": failed_closed}
+    return {"root": root, "r1": r1, "r2": r2, "redo": redo, "stopped": stopped, "failed_closed": failed_closed}
 
 
 def test_session_reuses_its_workers_and_carries_delta(session_runs, models):

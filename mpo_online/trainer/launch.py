@@ -83,9 +83,10 @@ def train_columns(columns, *, pairs: bool) -> list[str]:
     return [c for c in want if c in columns]
 
 
+# a call's optimisation settings (train_policy's)
 HYPER_KEYS = ("delta_mode", "delta_ema_decay", "lr", "weight_decay", "warmup_ratio", "epochs", "micro_batch_size",
               "global_batch_size", "zero_stage", "precision", "max_grad_norm", "max_nonfinite_steps",
-              "logps_chunk_size", "max_length", "pref_span", "seed")  # a call's optimisation settings (train_policy's)
+              "logps_chunk_size", "max_length", "pref_span", "seed", "stop_loss", "stop_window")
 
 
 def hyper_settings(**given) -> dict:
@@ -209,7 +210,8 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
                  warmup_ratio: float = 0.05, epochs: int = 1, micro_batch_size: int = 8,
                  global_batch_size: int | None = None, zero_stage: int = 0, precision: str = "fp32",
                  max_grad_norm: float = 1.0, max_nonfinite_steps: int = 3, logps_chunk_size: int = 1024,
-                 max_length: int = 512, pref_span: str = "sequence", seed: int = 0, num_workers: int = 2,
+                 max_length: int = 512, pref_span: str = "sequence", seed: int = 0,
+                 stop_loss: float | None = None, stop_window: int = 20, num_workers: int = 2,
                  worker_cpus: float = 1.0, worker_gpus: float = 0.0, storage_dir=None, run_name: str | None = None,
                  checkpoint_every: int = 0, keep_checkpoints: int = 2, max_failures: int = 0,
                  shuffle: bool = True, cleanup: bool = True, _nan_on_micro_batches=(),

@@ -187,18 +187,27 @@ def _policy_terms(engine, batch, ref_table: dict, *, pairs: bool, poison: bool) 
     return t
 
 
+def _loss_below(history: list, stop_loss, window: int) -> bool:
+    """Early stop: the mean world loss of the last `window` optimizer steps is below `stop_loss` (None: never)."""
+    if stop_loss is None or len(history) < window:
+        return False
+    return sum(h["loss"] for h in history[-window:]) / window < stop_loss
+
+
 def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, delta_mode, delta_ema_decay, lr,
                  weight_decay, warmup_ratio, micro_batch_size, grad_accum, epochs, total_steps,
                  zero_stage, precision, max_grad_norm, max_nonfinite_steps, logps_chunk_size, max_length, seed,
                  checkpoint_every, torch_threads=1, nan_on_micro_batches=(), fail_after_step=None,
                  progress_file=None, rows=None, export_dir=None, engine_reference=False,
-                 pref_span="sequence") -> dict | None:
+                 pref_span="sequence", stop_loss=None, stop_window=20) -> dict | None:
     """One training call on this worker. Ray Train mode (rows=None): data from the "train" dataset shard,
     checkpoints and the final result go through ray.train.report. Session mode (mpo_online.trainer.session): `rows`
     is this worker's shard, no Ray Train checkpoints are written, rank 0 writes the Hugging Face export straight into
     `export_dir`, and the result ({"metrics", "delta", "history"}) is returned. `engine_reference`: take reference
     log-probs from the rows' engine log-probs where valid (engine_ref_logps), the trainer's pass for the rest.
-    `pref_span`: what a pair's rewards sum over (batching.PREF_SPANS), for policy and reference alike."""
+    `pref_span`: what a pair's rewards sum over (batching.PREF_SPANS), for policy and reference alike.
+    `stop_loss`: end the call early once the mean loss of the last `stop_window` optimizer steps is below it (the
+    history holds world means, so every worker stops at the same step; None: run every planned step)."""
     t_start = time.time()
     import deepspeed
     import ray.train
@@ -367,8 +376,10 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
                 if fail_after_step is not None and start_step < fail_after_step == state["step"]:
                     raise RuntimeError(f"injected failure after step {state['step']} (test hook)")
                 win_t0 = time.time()
-            if state["step"] >= total_steps:
+            if state["step"] >= total_steps or _loss_below(state["history"], stop_loss, stop_window):
                 break
+        if _loss_below(state["history"], stop_loss, stop_window):
+            break
     train_seconds = time.time() - train_t0 - ckpt_seconds
 
     # 5. final metrics (means over all steps of the run, also those before a restart) + export
@@ -384,7 +395,7 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
         ref_tokens_per_s_per_worker=ref_tokens / ref_seconds if ref_tokens else 0.0, init_seconds=init_seconds,
         setup_seconds=setup_seconds, worker_start_time=t_start, worker_done_time=time.time(), world_size=world,
         zero_stage=zero_stage, torch_threads=torch.get_num_threads(), worker_pid=os.getpid(),
-        ref_engine_pairs=n_engine_ref,
+        ref_engine_pairs=n_engine_ref, stopped_early=state["step"] < total_steps,
         ref_trainer_pairs=len(ref_table) - n_engine_ref,
     )
     checkpoint_and_report(metrics, final=True)
