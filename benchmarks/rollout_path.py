@@ -147,19 +147,25 @@ def flops_bound(model_dir: str, mean_context: float, cores: int) -> dict:
 
     cfg = AutoConfig.from_pretrained(model_dir)
     text = getattr(cfg, "text_config", cfg)
+    import glob
+
     weights = embed = 0
-    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
-        for name in f.keys():
-            numel = 1
-            for d in f.get_slice(name).get_shape():
-                numel *= d
-            if "vision" in name or "connector" in name or numel == 0:
-                continue
-            if "embed_tokens" in name:
-                embed = numel
-            elif name.endswith("weight") and len(f.get_slice(name).get_shape()) == 2:
-                weights += numel
-        tied = "lm_head.weight" not in f.keys()
+    names = set()
+    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):  # one file or shards
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                names.add(name)
+                shape = f.get_slice(name).get_shape()
+                numel = 1
+                for d in shape:
+                    numel *= d
+                if "vision" in name or "connector" in name or numel == 0:
+                    continue
+                if "embed_tokens" in name:
+                    embed = numel
+                elif name.endswith("weight") and len(shape) == 2:
+                    weights += numel
+    tied = "lm_head.weight" not in names
     if tied:
         weights += embed  # a tied output layer is the embedding matrix used once more per token
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
