@@ -24,6 +24,7 @@ Targets (issue 27): round >= 3x the rollout rate of the demo before this benchma
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -45,12 +46,10 @@ def _rows(data_dir: str, prompts: int) -> list[dict]:
 
 
 def _requests(rows: list[dict], sampling: dict, seed: int) -> list[dict]:
-    """The round's requests, as `mpo_online.rollout.pipeline._rollouts` builds them (round 1's seeds)."""
-    from mpo_online.data.records import openai_messages
-    from mpo_online.pairs import derive_seed
+    """The round's requests, as the rollout stage builds them (round 1's seeds)."""
+    from mpo_online.rollout.pipeline import rollout_request
 
-    return [{"messages": openai_messages(r["question"], r["images"]), **sampling, "logprobs": True,
-             "return_prompt_token_ids": True, "seed": derive_seed(seed, "rollout", 1, r["id"])} for r in rows]
+    return [rollout_request(r, **sampling, seed=seed, round=1) for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------- raw vLLM (child)
@@ -111,9 +110,9 @@ class RawEngine:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(kv_cache_gb))))  # as serving.app sets it
         if cores:  # the cores the replica's engine is pinned to (serving.server._bind_cores, replica 0)
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(i) for i in range(cores))
+        self.log = open(self.spec_file.name + ".log", "w")
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--raw-worker", self.spec_file.name],
-                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(self.spec_file.name + ".log", "w"), text=True)
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self._expect("READY")
 
     def _expect(self, word: str) -> str:
@@ -132,6 +131,7 @@ class RawEngine:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(120)
+        self.log.close()
         for path in (self.spec_file.name, self.spec_file.name + ".log"):
             os.unlink(path)
 
@@ -147,8 +147,6 @@ def flops_bound(model_dir: str, mean_context: float, cores: int) -> dict:
 
     cfg = AutoConfig.from_pretrained(model_dir)
     text = getattr(cfg, "text_config", cfg)
-    import glob
-
     weights = embed = 0
     names = set()
     for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):  # one file or shards
@@ -165,8 +163,7 @@ def flops_bound(model_dir: str, mean_context: float, cores: int) -> dict:
                     embed = numel
                 elif name.endswith("weight") and len(shape) == 2:
                     weights += numel
-    tied = "lm_head.weight" not in names
-    if tied:
+    if "lm_head.weight" not in names:
         weights += embed  # a tied output layer is the embedding matrix used once more per token
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     # per layer and context position: q.k and p.v, 2 FLOPs per multiply-add, over all query heads

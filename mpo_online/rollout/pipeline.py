@@ -161,14 +161,21 @@ def _select(batch: pa.Table, *, ids: list, cot_instruction: str) -> pa.Table:
     return _table(out)
 
 
+def rollout_request(row: dict, *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int,
+                    round: int) -> dict:
+    """A prompt row's rollout request (n samples, their token ids and engine log-probs, the prompt's token ids)."""
+    return {"messages": openai_messages(row["question"], row["images"]), "n": n, "temperature": temperature,
+            "top_p": top_p, "max_tokens": max_tokens, "seed": derive_seed(seed, "rollout", round, row["id"]),
+            "logprobs": True, "return_prompt_token_ids": True}
+
+
 def _rollouts(batch: pa.Table, *, client, n: int, temperature: float, top_p: float, max_tokens: int, seed: int,
               round: int) -> pa.Table:
     """One request per live prompt (n samples), the batch's requests in one client call."""
     rows = batch.to_pylist()
     live = [r for r in rows if not dead_row(r)]
-    requests = [{"messages": openai_messages(r["question"], r["images"]), "n": n, "temperature": temperature,
-                 "top_p": top_p, "max_tokens": max_tokens, "seed": derive_seed(seed, "rollout", round, r["id"]),
-                 "logprobs": True, "return_prompt_token_ids": True} for r in live]
+    requests = [rollout_request(r, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                                round=round) for r in live]
     results, t0, t1 = _generate(client, requests)
     for row, req, res in zip(live, requests, results):
         row["result"] = json.dumps({**res, "seed": req["seed"]})

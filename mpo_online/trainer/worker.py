@@ -309,7 +309,7 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
     skipped_hash = ""
     win, win_n, win_tokens, win_t0 = dict.fromkeys(stat_keys, 0.0), 0, 0, time.time()
     train_t0, ckpt_seconds, tokens_total = time.time(), 0.0, 0
-    g = -1
+    g, stopped = -1, False  # stopped: the loss stop ended the call (see _loss_below)
     for _epoch in range(epochs):
         if state["step"] >= total_steps:
             break
@@ -376,9 +376,10 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
                 if fail_after_step is not None and start_step < fail_after_step == state["step"]:
                     raise RuntimeError(f"injected failure after step {state['step']} (test hook)")
                 win_t0 = time.time()
-            if state["step"] >= total_steps or _loss_below(state["history"], stop_loss, stop_window):
+            stopped = _loss_below(state["history"], stop_loss, stop_window)
+            if state["step"] >= total_steps or stopped:
                 break
-        if _loss_below(state["history"], stop_loss, stop_window):
+        if stopped:
             break
     train_seconds = time.time() - train_t0 - ckpt_seconds
 
