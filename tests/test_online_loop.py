@@ -79,7 +79,8 @@ def _wait(predicate, what: str, address: str, job_id: str, timeout: float = 600.
         if predicate():
             return
         status = _client(address).get_job_status(job_id)
-        if status in (JobStatus.FAILED, JobStatus.STOPPED):
+        # the predicate again: what it waits for (a killed job stopping) may have happened between the two reads
+        if status in (JobStatus.FAILED, JobStatus.STOPPED) and not predicate():
             pytest.fail(f"job {job_id} {status} while waiting for {what}:\n"
                         + _client(address).get_job_logs(job_id)[-4000:])
         time.sleep(1.0)
