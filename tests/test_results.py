@@ -9,10 +9,10 @@ from mpo_online.run.results import render, run_row
 MACHINE = {"cpu_model": "Test CPU", "cores": 2, "vector": "AVX2", "arch": "x86_64"}
 
 
-def _fixture_run(root, name="mpo_run", sessions=True):
+def _fixture_run(root, name="mpo_run", sessions=True, mpo=None, seed=0, last_cot=0.155):
     run = root / name
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"mpo": {"objective": "mpo"},
+    (run / "config.yaml").write_text(yaml.safe_dump({"mpo": mpo or {"objective": "mpo"}, "rollout": {"seed": seed},
                                                      "model": {"path": "artifacts/smollm2-135m"}}))
     rounds = [{"round": 0, "policy_version": 0, "eval": {"accuracy_cot": 0.01, "accuracy_direct": 0.01,
                                                          "format_failure_rate": 0.77, "n_qa": 100}, "seconds": {}},
@@ -20,7 +20,7 @@ def _fixture_run(root, name="mpo_run", sessions=True):
                "eval": {"accuracy_cot": 0.07, "accuracy_direct": 0.06, "format_failure_rate": 0.59, "n_qa": 100},
                "seconds": {"total": 607.3}},
               {"round": 2, "policy_version": 2, "pairs": {"pairs": {"correctness": 20, "dropout_ntp": 4}},
-               "eval": {"accuracy_cot": 0.155, "accuracy_direct": 0.1, "format_failure_rate": 0.3, "n_qa": 100},
+               "eval": {"accuracy_cot": last_cot, "accuracy_direct": 0.1, "format_failure_rate": 0.3, "n_qa": 100},
                "seconds": {"total": 540.0}}]
     (run / "summary.json").write_text(json.dumps({"config_hash": "h", "wall_seconds": 1200, "rounds": rounds,
                                                   **({"machines": [MACHINE]} if sessions else {})}))
@@ -58,3 +58,17 @@ def test_a_forked_run_lists_the_fork_then_the_recipe(tmp_path):
     (run / "sessions.jsonl").write_text(json.dumps(fork) + "\n" + lines)
     assert run_row(run)["command"] == ("`python experiments/fork_round.py --from a` (round 1's rollouts from a) then "
                                        "`python jobs/online_mpo.py --config x.yaml`")
+
+
+def test_seeds_of_one_objective_are_grouped_with_a_standard_error(tmp_path):
+    """Two MPO seeds end at 15.5% and 21.5% from 1.0%: per-round means 1.0, 7.0, 18.5; the gains 14.5 and 20.5 have
+    mean 17.5, sample std sqrt(((-3)^2 + 3^2) / 1) = 4.243, standard error 4.243 / sqrt(2) = 3.0. The control (loss
+    weights 0/0/1) is its own group of one seed, without a ±."""
+    runs = [_fixture_run(tmp_path, "s0"), _fixture_run(tmp_path, "s1", seed=1, last_cot=0.215),
+            _fixture_run(tmp_path, "sft", mpo={"objective": "mpo", "w_pref": 0.0, "w_quality": 0.0})]
+    md = render(runs)
+    assert ("| mpo | smollm2-135m | s0 (0), s1 (1) | 1.0 ± 0.0 → 7.0 ± 0.0 → 18.5 ± 3.0 | +17.5 ± 3.0 | 10.1, 9.0 |"
+            in md)
+    assert ("| sft-only control (mpo, weights 0/0/1) | smollm2-135m | sft (0) | 1.0 → 7.0 → 15.5 | +14.5 | 10.1, 9.0 |"
+            in md)
+    assert run_row(runs[2])["objective"] == "sft-only control (mpo, weights 0/0/1)"

@@ -10,7 +10,9 @@ format failures at the last round, pairs and wall time per round, and from sessi
 times change 2-3x between machines of this kind); every session's command is listed, in order. Runs made before
 sessions.jsonl existed say "not recorded"; a session line written afterwards carries a `note` saying so, which the
 table shows.
-Tested in tests/test_results.py on a fixture run.
+A second table groups runs whose configs differ only in their seeds and run directory: held-out CoT
+accuracy per round and the gain as mean ± standard error over the seeds (rounds that every run of the group reached).
+Tested in tests/test_results.py on fixture runs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,39 @@ def _read_run(run: Path) -> dict:
             "machines": summary.get("machines") or [s["machine"] for s in sessions if s.get("machine")]}
 
 
+PAPER_WEIGHTS = (0.8, 0.2, 1.0)
+
+
+def objective_label(cfg: dict) -> str:
+    """The objective as trained: `mpo` with other loss weights than the paper's says which (w_pref=w_quality=0 is
+    the SFT-only control: the gen term on the same pairs' chosen responses)."""
+    mpo = cfg.get("mpo", {})
+    objective = mpo.get("objective", "?")
+    if objective != "mpo":
+        return objective
+    w = tuple(float(mpo.get(k, d)) for k, d in zip(("w_pref", "w_quality", "w_gen"), PAPER_WEIGHTS))
+    if w == PAPER_WEIGHTS:
+        return "mpo"
+    weights = "/".join(f"{x:g}" for x in w)
+    return f"sft-only control (mpo, weights {weights})" if w[:2] == (0.0, 0.0) else f"mpo (weights {weights})"
+
+
+def _mean_se(xs: list[float]) -> str:
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return f"{100 * m:.1f}"
+    se = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
+    return f"{100 * m:.1f} ± {100 * se:.1f}"
+
+
+def _group_key(cfg: dict) -> str:
+    """The config without what seeds a run, where it is written and how many rounds it was asked for."""
+    rest = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+    for section, key in (("rollout", "seed"), ("trainer", "seed"), ("loop", "run_dir"), ("loop", "rounds")):
+        rest.get(section, {}).pop(key, None)
+    return json.dumps(rest, sort_keys=True, default=str)
+
+
 def run_row(run: Path) -> dict:
     """The figures of one run directory, as a dict of display strings."""
     from mpo_online.run.machine import machine_line
@@ -54,7 +89,9 @@ def run_row(run: Path) -> dict:
     commands = ["`" + " ".join(x.get("argv", [])) + "`" + (f" ({x['note']})" if x.get("note") else "")
                 for x in r["sessions"] if x.get("argv")]
     machines = list(dict.fromkeys(machine_line(m) for m in r["machines"])) or ["not recorded"]
-    return {"run": run.name, "objective": r["cfg"].get("mpo", {}).get("objective", "?"),
+    return {"run": run.name, "objective": objective_label(r["cfg"]),
+            "seed": r["cfg"].get("rollout", {}).get("seed", 0), "group": _group_key(r["cfg"]),
+            "cot_values": cot, "minutes_values": minutes,
             "model": Path(r["cfg"].get("model", {}).get("path", "?")).name,
             "cot": " → ".join(_pct(c) for c in cot),
             "gain": "-" if None in (cot[0], cot[-1]) else f"{100 * (cot[-1] - cot[0]):+.1f}",
@@ -79,7 +116,31 @@ def render(runs: list[Path], title: str = "Results") -> str:
     out += ["", "| run | command | commit | date | machine |", "|---|---|---|---|---|"]
     for x in rows:
         out.append(f"| {x['run']} | {x['command']} | {x['commit']} | {x['date']} | {x['machine']} |")
+    out += group_table(rows)
     return "\n".join(out) + "\n"
+
+
+def group_table(rows: list[dict]) -> list[str]:
+    """Runs whose configs differ only in seeds, over those seeds: mean ± standard error per round."""
+    groups: dict[str, list[dict]] = {}
+    for x in rows:
+        groups.setdefault(x["group"], []).append(x)
+    out = ["", "Over seeds (runs whose configs differ only in `rollout.seed` / `trainer.seed`; mean ± standard error "
+           "over the rounds every run of the group reached):", "",
+           "| objective | model | runs (seed) | CoT acc by round (0 = start) | gain | minutes per round (mean) |",
+           "|---|---|---|---|---:|---|"]
+    for xs in groups.values():
+        objective, model = xs[0]["objective"], xs[0]["model"]
+        n_rounds = min(len(x["cot_values"]) for x in xs)
+        if any(None in x["cot_values"][:n_rounds] for x in xs):
+            continue
+        cot = " → ".join(_mean_se([x["cot_values"][i] for x in xs]) for i in range(n_rounds))
+        gain = _mean_se([x["cot_values"][n_rounds - 1] - x["cot_values"][0] for x in xs])
+        minutes = ", ".join(f"{sum(x['minutes_values'][i] for x in xs) / len(xs):.1f}" for i in range(n_rounds - 1))
+        seeds = ", ".join(f"{x['run']} ({x['seed']})" for x in xs)
+        out.append(f"| {objective} | {model} | {seeds} | {cot} | {gain if gain.startswith('-') else '+' + gain} | "
+                   f"{minutes or '-'} |")
+    return out
 
 
 def main(argv=None) -> None:
