@@ -170,6 +170,10 @@ class WarmStartConfig(_Section):
     # (docs/experiments.md, "How the learning curve was found"), where its own checked chains can take it further.
     stage2_examples: int = Field(0, ge=0)
     stage2_lr: float = Field(5e-4, gt=0.0)
+    # text-only drills (worked chains, images dropped) mixed into stage 2, from the first training prompts (stage 1's
+    # image examples): after an images-only stage 1 has crossed the perception transition, stage 2 can teach the
+    # chains' arithmetic without taking the image away from all of its examples (docs/experiments.md)
+    stage2_text_drills: int = Field(0, ge=0)
     # stage 1 ends early once its mean loss over the last `stop_window` steps is below `stop_loss` (None: all its
     # steps). The tiny policy's loss drops sharply when it starts reading the image (the perception transition),
     # at a step that depends on the data order and the float rounding; stopping on the loss stopped both data orders

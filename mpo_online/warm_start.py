@@ -112,16 +112,20 @@ def warm_start_data(rows: list[dict], *, examples: int | None, text_drills: int,
 
 
 def stage2_data(rows: list[dict], *, examples: int | None, count: int, cot_instruction: str, direct_instruction: str,
-                direct_fraction: float, glance_fraction: float, seed: int) -> list[PreferencePair]:
+                direct_fraction: float, glance_fraction: float, seed: int,
+                text_drills: int = 0) -> list[PreferencePair]:
     """The second stage's SFT set: `count` demonstrations with their images from the training rows after stage 1's
-    image examples (the rows stage 1 saw only as text drills: new images, known chains' format)."""
+    image examples (the rows stage 1 saw only as text drills: new images, known chains' format), plus `text_drills`
+    worked chains without their images from the first training rows (stage 1 saw those with their images)."""
     n = len(rows) if examples is None else min(examples, len(rows))
     if n + count > len(rows):
         raise ValueError(f"warm_start.stage2_examples={count} needs {n + count} training prompts after "
                          f"warm_start.examples={n}; data.n_train has {len(rows)}")
-    return sft_examples(rows[n:n + count], seed=seed + 2, glance_fraction=glance_fraction,
-                        cot_instruction=cot_instruction, direct_instruction=direct_instruction,
-                        direct_fraction=direct_fraction)
+    if text_drills > n:
+        raise ValueError(f"warm_start.stage2_text_drills={text_drills} draws from stage 1's {n} image examples")
+    kw = dict(cot_instruction=cot_instruction, direct_instruction=direct_instruction, direct_fraction=direct_fraction)
+    return (sft_examples(rows[n:n + count], seed=seed + 2, glance_fraction=glance_fraction, **kw)
+            + sft_examples(rows[:text_drills], seed=seed + 3, text_only=True, **kw))
 
 
 def warm_start_from_config(cfg, *, force: bool = False, evaluate_offline: bool = True, session=None) -> dict:
@@ -179,7 +183,8 @@ def _train_warm_start(cfg, run, *, base: Path, data: Path, out: Path, session) -
     stop = dict(stop_loss=ws.stop_loss, stop_window=ws.stop_window)
     stages = [("warm_start", warm_start_data(rows, text_drills=ws.text_drills, **kw), base, stage1_out, ws.lr, stop)]
     if ws.stage2_examples:
-        stages.append(("warm_start_stage2", stage2_data(rows, count=ws.stage2_examples, **kw), stage1_out, out,
+        stages.append(("warm_start_stage2", stage2_data(rows, count=ws.stage2_examples,
+                                                           text_drills=ws.stage2_text_drills, **kw), stage1_out, out,
                        ws.stage2_lr, {}))
     if not ray.is_initialized():
         ray.init(num_cpus=res.num_cpus, num_gpus=res.num_gpus, include_dashboard=False)

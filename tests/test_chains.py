@@ -118,6 +118,13 @@ def test_warm_start_stage2_takes_the_drill_rows_with_their_images():
         assert d.chosen == r["solution"] and d.images == r["images"] and d.question == r["question"] + " Think."
     with pytest.raises(ValueError, match="stage2_examples=5"):
         stage2_data(rows, examples=2, count=5, **kw)
+    # with 2 drills: rows 3-5 with their images, then rows 1-2 (stage 1's image examples) without them
+    data = stage2_data(rows, examples=2, count=3, text_drills=2, **kw)
+    assert [d.prompt_id for d in data] == [r["id"] for r in rows[2:5] + rows[:2]]
+    for d, r in zip(data[3:], rows[:2]):
+        assert d.chosen == r["solution"] and d.images == [] and "<image>" not in d.question
+    with pytest.raises(ValueError, match="stage2_text_drills=3"):
+        stage2_data(rows, examples=2, count=3, text_drills=3, **kw)
 
 
 def test_pair_chain_rates_by_hand():
