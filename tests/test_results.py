@@ -2,9 +2,10 @@
 
 import json
 
+import pytest
 import yaml
 
-from mpo_online.run.results import render, run_row
+from mpo_online.run.results import render, render_into, run_row
 
 MACHINE = {"cpu_model": "Test CPU", "cores": 2, "vector": "AVX2", "arch": "x86_64"}
 
@@ -67,8 +68,20 @@ def test_seeds_of_one_objective_are_grouped_with_a_standard_error(tmp_path):
     runs = [_fixture_run(tmp_path, "s0"), _fixture_run(tmp_path, "s1", seed=1, last_cot=0.215),
             _fixture_run(tmp_path, "sft", mpo={"objective": "mpo", "w_pref": 0.0, "w_quality": 0.0})]
     md = render(runs)
-    assert ("| mpo | smollm2-135m | s0 (0), s1 (1) | 1.0 ± 0.0 → 7.0 ± 0.0 → 18.5 ± 3.0 | +17.5 ± 3.0 | 10.1, 9.0 |"
-            in md)
-    assert ("| sft-only control (mpo, weights 0/0/1) | smollm2-135m | sft (0) | 1.0 → 7.0 → 15.5 | +14.5 | 10.1, 9.0 |"
-            in md)
+    assert ("| mpo | smollm2-135m | s0 (0), s1 (1) | 1.0 ± 0.0 → 7.0 ± 0.0 → 18.5 ± 3.0 | +17.5 ± 3.0 | 30.0 ± 0.0 | "
+            "10.1, 9.0 |" in md)
+    assert ("| sft-only control (mpo, weights 0/0/1) | smollm2-135m | sft (0) | 1.0 → 7.0 → 15.5 | +14.5 | 30.0 | "
+            "10.1, 9.0 |" in md)
     assert run_row(runs[2])["objective"] == "sft-only control (mpo, weights 0/0/1)"
+
+
+def test_render_into_replaces_only_the_text_between_the_markers(tmp_path):
+    runs = [_fixture_run(tmp_path, "s0"), _fixture_run(tmp_path, "s1", seed=1, last_cot=0.215)]
+    readme = "# Title\nbefore\n<!-- results:begin -->\nold table\n<!-- results:end -->\nafter\n"
+    out = render_into(readme, runs)
+    assert out.startswith("# Title\nbefore\n<!-- results:begin -->\n") and out.endswith("<!-- results:end -->\nafter\n")
+    assert "old table" not in out and "| s0 (0), s1 (1) | 1.0 ± 0.0 → 7.0 ± 0.0 → 18.5 ± 3.0 | +17.5 ± 3.0 |" in out
+    assert "`abc1234+dirty`; 2026-12-02; Test CPU, 2 cores, AVX2." in out
+    assert render_into(out, runs) == out  # rendering again changes nothing
+    with pytest.raises(ValueError, match="results:begin"):
+        render_into("no markers", runs)

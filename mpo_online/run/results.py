@@ -2,6 +2,7 @@
 
     python -m mpo_online.run.results runs/smollm2_cpu runs/smollm2_rft > docs/results.md
     python -m mpo_online.run.results --title "SmolLM2-135M, word problems" RUN [RUN ...]
+    python -m mpo_online.run.results --into README.md RUN [RUN ...]   # the over-seeds table between its markers
 
 Each run directory (written by jobs/online_mpo.py) gives one row: the objective and model from its config.yaml,
 held-out greedy CoT accuracy per round and the gain over round 0 from summary.json, direct-answer accuracy and
@@ -92,6 +93,7 @@ def run_row(run: Path) -> dict:
     return {"run": run.name, "objective": objective_label(r["cfg"]),
             "seed": r["cfg"].get("rollout", {}).get("seed", 0), "group": _group_key(r["cfg"]),
             "cot_values": cot, "minutes_values": minutes,
+            "format_values": [x["eval"].get("format_failure_rate") for x in rounds],
             "model": Path(r["cfg"].get("model", {}).get("path", "?")).name,
             "cot": " → ".join(_pct(c) for c in cot),
             "gain": "-" if None in (cot[0], cot[-1]) else f"{100 * (cot[-1] - cot[0]):+.1f}",
@@ -127,8 +129,9 @@ def group_table(rows: list[dict]) -> list[str]:
         groups.setdefault(x["group"], []).append(x)
     out = ["", "Over seeds (runs whose configs differ only in `rollout.seed` / `trainer.seed`; mean ± standard error "
            "over the rounds every run of the group reached):", "",
-           "| objective | model | runs (seed) | CoT acc by round (0 = start) | gain | minutes per round (mean) |",
-           "|---|---|---|---|---:|---|"]
+           "| objective | model | runs (seed) | CoT acc by round (0 = start) | gain | format fail (last) | "
+           "minutes per round (mean) |",
+           "|---|---|---|---|---:|---:|---|"]
     for xs in groups.values():
         objective, model = xs[0]["objective"], xs[0]["model"]
         n_rounds = min(len(x["cot_values"]) for x in xs)
@@ -138,17 +141,45 @@ def group_table(rows: list[dict]) -> list[str]:
         gain = _mean_se([x["cot_values"][n_rounds - 1] - x["cot_values"][0] for x in xs])
         minutes = ", ".join(f"{sum(x['minutes_values'][i] for x in xs) / len(xs):.1f}" for i in range(n_rounds - 1))
         seeds = ", ".join(f"{x['run']} ({x['seed']})" for x in xs)
+        fails = [x["format_values"][n_rounds - 1] for x in xs]
+        fail = "-" if None in fails else _mean_se(fails)
         out.append(f"| {objective} | {model} | {seeds} | {cot} | {gain if gain.startswith('-') else '+' + gain} | "
-                   f"{minutes or '-'} |")
+                   f"{fail} | {minutes or '-'} |")
     return out
+
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def render_into(text: str, runs: list[Path]) -> str:
+    """`text` (a README) with what lies between its BEGIN and END markers replaced by the over-seeds table of `runs`,
+    the command that rendered it, and the commits, dates and machines the runs were measured on."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"needs one {BEGIN} line and one {END} line after it")
+    rows = [run_row(Path(r)) for r in runs]
+    block = [BEGIN, *group_table(rows)[1:], "",
+             "Rendered by `python -m mpo_online.run.results --into README.md " + " ".join(str(r) for r in runs)
+             + "`; each run's command: [docs/results.md](docs/results.md). Commits "
+             + ", ".join(dict.fromkeys(f"`{x['commit']}`" for x in rows)) + "; "
+             + ", ".join(dict.fromkeys(x["date"] for x in rows)) + "; " + "; ".join(dict.fromkeys(x["machine"]
+                                                                                         for x in rows)) + ".",
+             END]
+    head, rest = text.split(BEGIN)
+    return head + "\n".join(block) + rest.split(END, 1)[1]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+")
     p.add_argument("--title", default="Results")
+    p.add_argument("--into", help="a file whose text between the results markers is replaced by the over-seeds table")
     a = p.parse_args(argv)
-    sys.stdout.write(render([Path(r) for r in a.runs], a.title))
+    runs = [Path(r) for r in a.runs]
+    if a.into:
+        f = Path(a.into)
+        f.write_text(render_into(f.read_text(), runs))
+    else:
+        sys.stdout.write(render(runs, a.title))
 
 
 if __name__ == "__main__":
