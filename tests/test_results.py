@@ -36,7 +36,7 @@ def test_a_run_row_carries_every_figure_and_where_it_came_from(tmp_path):
     row = run_row(_fixture_run(tmp_path))
     assert row["cot"] == "1.0 → 7.0 → 15.5" and row["gain"] == "+14.5"
     assert (row["direct"], row["format_fail"], row["n_heldout"]) == ("10.0", "30.0", "100")
-    assert row["pairs"] == "8, 24" and row["minutes"] == "10.1, 9.0"
+    assert row["pairs"] == "8, 24" and row["minutes"] == "10.1, 9.0" and row["wall"] == "20.0"
     assert row["objective"] == "mpo" and row["model"] == "smollm2-135m"
     assert row["commit"] == "abc1234+dirty" and row["date"] == "2026-12-02"
     assert row["machine"] == "Test CPU, 2 cores, AVX2"
@@ -47,7 +47,8 @@ def test_render_makes_both_tables_and_says_what_was_not_recorded(tmp_path):
     old = _fixture_run(tmp_path, "old_run", sessions=False)
     md = render([_fixture_run(tmp_path), old], title="Fixture")
     assert md.startswith("# Fixture\n") and f"`python -m mpo_online.run.results {tmp_path / 'mpo_run'} {old}`" in md
-    assert "| mpo_run | mpo | smollm2-135m | 1.0 → 7.0 → 15.5 | +14.5 | 10.0 | 30.0 | 100 | 8, 24 | 10.1, 9.0 |" in md
+    assert ("| mpo_run | mpo | smollm2-135m | 1.0 → 7.0 → 15.5 | +14.5 | 10.0 | 30.0 | 100 | 8, 24 | 10.1, 9.0 | 20.0 |"
+            in md)
     assert "| old_run | not recorded | not recorded | not recorded | not recorded |" in md
 
 

@@ -36,6 +36,7 @@ def _read_run(run: Path) -> dict:
     sessions = [json.loads(line) for line in (run / "sessions.jsonl").read_text().splitlines() if line.strip()] \
         if (run / "sessions.jsonl").exists() else []
     return {"cfg": cfg, "rounds": summary.get("rounds", []), "sessions": sessions,
+            "wall_seconds": summary.get("wall_seconds"),
             "machines": summary.get("machines") or [s["machine"] for s in sessions if s.get("machine")]}
 
 
@@ -100,6 +101,7 @@ def run_row(run: Path) -> dict:
             "direct": _pct(last.get("accuracy_direct")), "format_fail": _pct(last.get("format_failure_rate")),
             "n_heldout": str(last.get("n_qa", "-")), "pairs": ", ".join(str(p) for p in pairs) or "-",
             "minutes": ", ".join(f"{m:.1f}" for m in minutes) or "-",
+            "wall": "-" if r["wall_seconds"] is None else f"{r['wall_seconds'] / 60:.1f}",
             "command": " then ".join(commands) or "not recorded", "commit": commit,
             "date": (s.get("started") or "")[:10] or "not recorded", "machine": "; ".join(machines)}
 
@@ -108,13 +110,14 @@ def render(runs: list[Path], title: str = "Results") -> str:
     rows = [run_row(Path(r)) for r in runs]
     out = [f"# {title}", "",
            "Rendered by `python -m mpo_online.run.results " + " ".join(str(r) for r in runs) + "` from the run "
-           "directories (summary.json, config.yaml, sessions.jsonl). Accuracy: held-out greedy, % of prompts.", "",
+           "directories (summary.json, config.yaml, sessions.jsonl). Accuracy: held-out greedy, % of prompts. "
+           "Wall minutes: the run's sessions together, from the job's start (warm start included, install not).", "",
            "| run | objective | model | CoT acc by round (0 = start) | gain | direct (last) | format fail (last) | "
-           "held-out | pairs per round | minutes per round |",
-           "|---|---|---|---|---:|---:|---:|---:|---|---|"]
+           "held-out | pairs per round | minutes per round | wall minutes |",
+           "|---|---|---|---|---:|---:|---:|---:|---|---|---:|"]
     for x in rows:
         out.append(f"| {x['run']} | {x['objective']} | {x['model']} | {x['cot']} | {x['gain']} | {x['direct']} | "
-                   f"{x['format_fail']} | {x['n_heldout']} | {x['pairs']} | {x['minutes']} |")
+                   f"{x['format_fail']} | {x['n_heldout']} | {x['pairs']} | {x['minutes']} | {x['wall']} |")
     out += ["", "| run | command | commit | date | machine |", "|---|---|---|---|---|"]
     for x in rows:
         out.append(f"| {x['run']} | {x['command']} | {x['commit']} | {x['date']} | {x['machine']} |")
