@@ -66,7 +66,15 @@ def _mean_se(xs: list[float]) -> str:
 
 
 def _group_key(cfg: dict) -> str:
-    """The config without what seeds a run, where it is written and how many rounds it was asked for."""
+    """The config without what seeds a run, where it is written and how many rounds it was asked for. Fields added
+    to the config since a run was made take their defaults (what the run had in effect); a config the current code
+    refuses is compared as written."""
+    from mpo_online.config import RunConfig
+
+    try:
+        cfg = RunConfig.model_validate(cfg).model_dump(mode="json")
+    except ValueError:
+        pass
     rest = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
     for section, key in (("rollout", "seed"), ("trainer", "seed"), ("loop", "run_dir"), ("loop", "rounds")):
         rest.get(section, {}).pop(key, None)
