@@ -119,7 +119,8 @@ def render(runs: list[Path], title: str = "Results") -> str:
     out = [f"# {title}", "",
            "Rendered by `python -m mpo_online.run.results " + " ".join(str(r) for r in runs) + "` from the run "
            "directories (summary.json, config.yaml, sessions.jsonl). Accuracy: held-out greedy, % of prompts. "
-           "Wall minutes: the run's sessions together, from the job's start (warm start included, install not).", "",
+           "Wall minutes: the run's sessions together, from the job's start (warm start included, install not; a "
+           "fork's include its source's up to the fork).", "",
            "| run | objective | model | CoT acc by round (0 = start) | gain | direct (last) | format fail (last) | "
            "held-out | pairs per round | minutes per round | wall minutes |",
            "|---|---|---|---|---:|---:|---:|---:|---|---|---:|"]
