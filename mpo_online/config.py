@@ -184,6 +184,13 @@ class WarmStartConfig(_Section):
     # direct answers with long chains in every micro-batch, so each token weighs the same in the loss
     group_by: Literal["length", "images", "none"] | None = None
 
+    @model_validator(mode="after")
+    def _drills_need_a_stage2(self):
+        if self.stage2_text_drills and not self.stage2_examples:
+            raise ValueError("warm_start.stage2_text_drills mixes drills into stage 2: "
+                             "set warm_start.stage2_examples too")
+        return self
+
 
 class ServingConfig(_Section):
     model_id: str = "policy"  # served model name; responses report `policy@v<version>`

@@ -73,6 +73,8 @@ def test_bad_values_are_explained():
         load_config(None, ["mpo.objective=ppo"])
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(None, ["mpo.beta"])
+    with pytest.raises(ConfigError, match="set warm_start.stage2_examples too"):
+        load_config(None, ["warm_start.stage2_text_drills=100"])
 
 
 def test_global_batch_must_divide_evenly():
