@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from mpo_online.run.results import render, render_into, run_row
+from mpo_online.run.results import plot, render, render_into, run_row
 
 MACHINE = {"cpu_model": "Test CPU", "cores": 2, "vector": "AVX2", "arch": "x86_64"}
 
@@ -86,3 +86,15 @@ def test_render_into_replaces_only_the_text_between_the_markers(tmp_path):
     assert render_into(out, runs) == out  # rendering again changes nothing
     with pytest.raises(ValueError, match="results:begin"):
         render_into("no markers", runs)
+
+
+def test_plot_draws_one_line_per_group(tmp_path):
+    """Two seeds of one config and a control: a PNG with two lines (the groups), each point a mean over its seeds."""
+    import matplotlib.image
+
+    runs = [_fixture_run(tmp_path, "s0"), _fixture_run(tmp_path, "s1", seed=1, last_cot=0.215),
+            _fixture_run(tmp_path, "sft", mpo={"objective": "mpo", "w_pref": 0.0, "w_quality": 0.0})]
+    plot(runs, tmp_path / "a.png")
+    img = matplotlib.image.imread(tmp_path / "a.png")
+    assert img.shape[:2] == (400, 700)  # 7 x 4 inches at 100 dpi
+    assert (img[..., :3].std(axis=2) > 0.1).sum() > 500  # coloured pixels: the lines, not only the black axes

@@ -3,6 +3,7 @@
     python -m mpo_online.run.results runs/smollm2_cpu runs/smollm2_rft > docs/results.md
     python -m mpo_online.run.results --title "SmolLM2-135M, word problems" RUN [RUN ...]
     python -m mpo_online.run.results --into README.md RUN [RUN ...]   # the over-seeds table between its markers
+    python -m mpo_online.run.results --plot docs/results.png RUN [RUN ...]   # that table as a plot
 
 Each run directory (written by jobs/online_mpo.py) gives one row: the objective and model from its config.yaml,
 held-out greedy CoT accuracy per round and the gain over round 0 from summary.json, direct-answer accuracy and
@@ -134,17 +135,21 @@ def render(runs: list[Path], title: str = "Results") -> str:
     return "\n".join(out) + "\n"
 
 
-def group_table(rows: list[dict]) -> list[str]:
-    """Runs whose configs differ only in seeds, over those seeds: mean ± standard error per round."""
+def _groups(rows: list[dict]) -> list[list[dict]]:
     groups: dict[str, list[dict]] = {}
     for x in rows:
         groups.setdefault(x["group"], []).append(x)
+    return list(groups.values())
+
+
+def group_table(rows: list[dict]) -> list[str]:
+    """Runs whose configs differ only in seeds, over those seeds: mean ± standard error per round."""
     out = ["", "Over seeds (runs whose configs differ only in `rollout.seed` / `trainer.seed`; mean ± standard error "
            "over the rounds every run of the group reached):", "",
            "| objective | model | runs (seed) | CoT acc by round (0 = start) | gain | format fail (last) | "
            "minutes per round (mean) |",
            "|---|---|---|---|---:|---:|---|"]
-    for xs in groups.values():
+    for xs in _groups(rows):
         objective, model = xs[0]["objective"], xs[0]["model"]
         n_rounds = min(len(x["cot_values"]) for x in xs)
         if any(None in x["cot_values"][:n_rounds] for x in xs):
@@ -158,6 +163,32 @@ def group_table(rows: list[dict]) -> list[str]:
         out.append(f"| {objective} | {model} | {seeds} | {cot} | {gain if gain.startswith('-') else '+' + gain} | "
                    f"{fail} | {minutes or '-'} |")
     return out
+
+
+def plot(runs: list[Path], out: Path) -> None:
+    """Held-out CoT accuracy by round, one line per group of seeds (mean, with a standard-error bar)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for xs in _groups([run_row(Path(r)) for r in runs]):
+        n = min(len(x["cot_values"]) for x in xs)
+        if any(None in x["cot_values"][:n] for x in xs):
+            continue
+        cols = [[100 * x["cot_values"][i] for x in xs] for i in range(n)]
+        means = [sum(c) / len(c) for c in cols]
+        ses = [(sum((v - m) ** 2 for v in c) / (len(c) - 1) / len(c)) ** 0.5 if len(c) > 1 else 0.0
+               for c, m in zip(cols, means)]
+        ax.errorbar(range(n), means, yerr=ses, marker="o", capsize=3,
+                    label=f"{xs[0]['objective']}, {xs[0]['model']} ({len(xs)} seed{'s' if len(xs) > 1 else ''})")
+    ax.set_xlabel("round (0 = start)")
+    ax.set_ylabel("held-out greedy CoT accuracy, %")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
 
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -185,9 +216,12 @@ def main(argv=None) -> None:
     p.add_argument("runs", nargs="+")
     p.add_argument("--title", default="Results")
     p.add_argument("--into", help="a file whose text between the results markers is replaced by the over-seeds table")
+    p.add_argument("--plot", help="a PNG of accuracy by round, one line per group of seeds")
     a = p.parse_args(argv)
     runs = [Path(r) for r in a.runs]
-    if a.into:
+    if a.plot:
+        plot(runs, Path(a.plot))
+    elif a.into:
         f = Path(a.into)
         f.write_text(render_into(f.read_text(), runs))
     else:
