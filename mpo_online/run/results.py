@@ -58,12 +58,15 @@ def objective_label(cfg: dict) -> str:
     return f"sft-only control (mpo, weights {weights})" if w[:2] == (0.0, 0.0) else f"mpo (weights {weights})"
 
 
-def _mean_se(xs: list[float]) -> str:
+def _mean_and_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(n)); the error of one value is 0."""
     m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return f"{100 * m:.1f}"
-    se = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
-    return f"{100 * m:.1f} ± {100 * se:.1f}"
+    return m, ((sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5 if len(xs) > 1 else 0.0)
+
+
+def _mean_se(xs: list[float]) -> str:
+    m, se = _mean_and_se(xs)
+    return f"{100 * m:.1f}" if len(xs) < 2 else f"{100 * m:.1f} ± {100 * se:.1f}"
 
 
 def _group_key(cfg: dict) -> str:
@@ -135,11 +138,18 @@ def render(runs: list[Path], title: str = "Results") -> str:
     return "\n".join(out) + "\n"
 
 
-def _groups(rows: list[dict]) -> list[list[dict]]:
+def _groups(rows: list[dict]) -> list[tuple[list[dict], int]]:
+    """Rows grouped by config-without-seeds, each with the number of rounds every run of the group reached (groups
+    with a missing accuracy in those rounds are left out)."""
     groups: dict[str, list[dict]] = {}
     for x in rows:
         groups.setdefault(x["group"], []).append(x)
-    return list(groups.values())
+    out = []
+    for xs in groups.values():
+        n = min(len(x["cot_values"]) for x in xs)
+        if not any(None in x["cot_values"][:n] for x in xs):
+            out.append((xs, n))
+    return out
 
 
 def group_table(rows: list[dict]) -> list[str]:
@@ -149,11 +159,8 @@ def group_table(rows: list[dict]) -> list[str]:
            "| objective | model | runs (seed) | CoT acc by round (0 = start) | gain | format fail (last) | "
            "minutes per round (mean) |",
            "|---|---|---|---|---:|---:|---|"]
-    for xs in _groups(rows):
+    for xs, n_rounds in _groups(rows):
         objective, model = xs[0]["objective"], xs[0]["model"]
-        n_rounds = min(len(x["cot_values"]) for x in xs)
-        if any(None in x["cot_values"][:n_rounds] for x in xs):
-            continue
         cot = " → ".join(_mean_se([x["cot_values"][i] for x in xs]) for i in range(n_rounds))
         gain = _mean_se([x["cot_values"][n_rounds - 1] - x["cot_values"][0] for x in xs])
         minutes = ", ".join(f"{sum(x['minutes_values'][i] for x in xs) / len(xs):.1f}" for i in range(n_rounds - 1))
@@ -172,14 +179,8 @@ def plot(runs: list[Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for xs in _groups([run_row(Path(r)) for r in runs]):
-        n = min(len(x["cot_values"]) for x in xs)
-        if any(None in x["cot_values"][:n] for x in xs):
-            continue
-        cols = [[100 * x["cot_values"][i] for x in xs] for i in range(n)]
-        means = [sum(c) / len(c) for c in cols]
-        ses = [(sum((v - m) ** 2 for v in c) / (len(c) - 1) / len(c)) ** 0.5 if len(c) > 1 else 0.0
-               for c, m in zip(cols, means)]
+    for xs, n in _groups([run_row(Path(r)) for r in runs]):
+        means, ses = zip(*(_mean_and_se([100 * x["cot_values"][i] for x in xs]) for i in range(n)))
         ax.errorbar(range(n), means, yerr=ses, marker="o", capsize=3,
                     label=f"{xs[0]['objective']}, {xs[0]['model']} ({len(xs)} seed{'s' if len(xs) > 1 else ''})")
     ax.set_xlabel("round (0 = start)")
