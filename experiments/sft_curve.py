@@ -2,6 +2,8 @@
 
     python experiments/sft_curve.py [--scale-factor 1] [--n-train 16000] [--epochs 2] [--lr 2e-3] [--eval-every 125]
     python experiments/sft_curve.py --init runs/tiny_cpu/policies/v0000 --steps 25 --lr 2e-4 --eval-every 25
+    python experiments/sft_curve.py --init POLICY --tasks artifacts/tasks --rft-from ROUND/rollouts.parquet   # RFT
+    python experiments/sft_curve.py --init POLICY --tasks artifacts/tasks --gold-prompts-from ROUND/rollouts.parquet
 
 Sizing the warm start (and explaining what an online round can add) needs the learning curve of plain supervised
 fine-tuning on gold demonstrations. This runs it in one process with plain PyTorch AdamW (no Ray, no DeepSpeed: the
@@ -73,11 +75,13 @@ def main() -> None:
                    "generating one with --n-train/--n-heldout")
     p.add_argument("--rft-from", default=None, help="train on a round's rollouts.parquet instead of gold chains: "
                    "its correct samples passing --chosen-check (at most 4 distinct per prompt), i.e. RFT")
+    p.add_argument("--gold-prompts-from", default=None, help="train on the gold chains (CoT only) of the prompts of "
+                   "a round's rollouts.parquet: the control for --rft-from on the same prompts")
     p.add_argument("--chosen-check", default="perceived", choices=("answer", "consistent", "perceived"))
     p.add_argument("--save", default=None, help="save the final policy here (model + processor), e.g. as a warm start")
     a = p.parse_args()
-    if a.rft_from and not a.tasks:
-        p.error("--rft-from needs --tasks: the task directory the rollouts' prompt ids come from")
+    if (a.rft_from or a.gold_prompts_from) and not a.tasks:
+        p.error("--rft-from / --gold-prompts-from need --tasks: the task directory the rollouts' prompt ids come from")
 
     import torch
 
@@ -102,6 +106,11 @@ def main() -> None:
         import pyarrow.parquet as pq
         examples = rft_examples(pq.read_table(a.rft_from).to_pylist(), {r["id"]: r for r in train},
                                 max_per_prompt=4, chosen_check=a.chosen_check)
+    elif a.gold_prompts_from:
+        import pyarrow.parquet as pq
+        ids = set(pq.read_table(a.gold_prompts_from, columns=["prompt_id"]).column("prompt_id").to_pylist())
+        examples = sft_examples([r for r in train if r["id"] in ids], cot_instruction="", direct_instruction="",
+                                direct_fraction=0.0, seed=0)
     else:
         examples = sft_examples(train, cot_instruction="", direct_instruction=" Answer directly.",
                                 direct_fraction=0.25, seed=0)
@@ -114,7 +123,8 @@ def main() -> None:
     total, step, t0 = a.epochs * per_epoch, 0, time.time()
     stop = min(total, a.steps or total)
     print(json.dumps({"init": a.init, "scale_factor": a.scale_factor, "n_train": a.n_train, "lr": a.lr,
-                      "examples": len(rows), "rft_from": a.rft_from, "steps": stop}), flush=True)
+                      "examples": len(rows), "rft_from": a.rft_from,
+                      "gold_prompts_from": a.gold_prompts_from, "steps": stop}), flush=True)
     if a.init:
         print(json.dumps({"step": 0, "heldout_greedy_acc": greedy_accuracy(model, collate.processor, heldout)}))
     for epoch in range(a.epochs):

@@ -197,6 +197,8 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
         assert set(table.column("round").to_pylist()) == {m["round"]}
         assert m["stats"]["train"]["steps"] > 0 and "value" in m["delta"]
     assert m2["delta"]["count"] > m1["delta"]["count"]  # delta carried across rounds
+    weights = [(run / f"policies/v{v:04d}/model.safetensors").read_bytes() for v in (0, 1, 2)]
+    assert weights[0] != weights[1] != weights[2]  # each round's update changed the policy it started from
 
     summary = json.loads((run / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]

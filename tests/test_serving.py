@@ -218,6 +218,12 @@ def _data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
+# One image prompt, sent again and again: after a swap the engine must not answer it from vision embeddings cached
+# under the old weights (the encoder cache is keyed by the image's hash, so a stale entry would be hit here).
+IMAGE_CHAT = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(_png((20, 40, 220)))}},
+                                           {"type": "text", "text": "How many blue shapes are there?"}]}]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -229,6 +235,7 @@ class Server:
         self.client, self.model_dirs, self.port = client, model_dirs, port
         self.weights_of = {0: "m0"}  # version -> model dir name
         self.refs: dict[str, str] = {}  # model dir name -> greedy text for CHAT (max_tokens 8)
+        self.image_refs: dict[str, str] = {}  # model dir name -> greedy text for IMAGE_CHAT (max_tokens 8)
 
     def publish(self, name: str, blob: bytes | None = None) -> int:
         version = max(self.weights_of) + 1
@@ -236,11 +243,12 @@ class Server:
         self.weights_of[version] = name
         return version
 
-    def greedy_per_replica(self) -> dict[str, tuple[int, str]]:
-        """replica id -> (version, greedy text for CHAT), hitting every replica (8 concurrent 1-request calls)."""
+    def greedy_per_replica(self, request: dict = GREEDY) -> dict[str, tuple[int, str]]:
+        """replica id -> (version, greedy text for the request), hitting every replica (8 concurrent 1-request
+        calls)."""
         seen: dict[str, tuple[int, str]] = {}
         for _ in range(10):
-            for r in self.client.generate([GREEDY] * 8, chunks=8):
+            for r in self.client.generate([request] * 8, chunks=8):
                 assert r["error"] is None, r
                 seen[r["replica"]] = (r["version"], r["outputs"][0]["text"])
             if len(seen) >= 2:
@@ -279,7 +287,11 @@ def server(tmp_path_factory):
             per_replica = srv.greedy_per_replica()
             assert len({text for _, text in per_replica.values()}) == 1, per_replica
             srv.refs[name] = next(iter(per_replica.values()))[1]
+            per_replica = srv.greedy_per_replica({**GREEDY, "messages": IMAGE_CHAT})
+            assert len({text for _, text in per_replica.values()}) == 1, per_replica
+            srv.image_refs[name] = next(iter(per_replica.values()))[1]
         assert len(set(srv.refs.values())) == 3, srv.refs  # the three weight sets answer differently
+        assert len(set(srv.image_refs.values())) == 3, srv.image_refs
         yield srv
     finally:
         try:
@@ -404,6 +416,15 @@ def test_bad_inputs_get_4xx_and_server_keeps_serving(server):
             {"type": "text", "text": "Count <image>"}, {"type": "image_url", "image_url": {"url": _data_url(_png())}},
             {"type": "image_url", "image_url": {"url": _data_url(_png())}}]}]),
     }
+    bad.update({  # the request itself malformed: not JSON, a field missing or of the wrong type, streamed
+        "malformed JSON": httpx.post(url, content=b'{"model": "policy", "messages": [', timeout=60,
+                                     headers={"content-type": "application/json"}),
+        "no messages": httpx.post(url, json={"model": "policy", "max_tokens": 4}, timeout=60),
+        "messages a string": chat(messages="hello"),
+        "max_tokens a string": chat(max_tokens="many"),
+        "n over the limit": chat(n=65),  # the app's max_n is 64
+        "bad input, streamed": chat(temperature=-1, stream=True),
+    })
     bad["completion prompt too long"] = httpx.post(f"http://127.0.0.1:{server.port}/v1/completions", timeout=60,
                                                    json={"model": "policy", "prompt": "b" * 9000, "max_tokens": 4})
     for what, r in bad.items():
@@ -461,19 +482,24 @@ def test_admin_routes_require_token(server):
 def test_hammer_through_swaps_sees_only_whole_versions(server):
     oc = server.openai()
     stop = threading.Event()
-    seen: list[tuple[int, str]] = []
+    seen: list[tuple[int, str]] = []  # (version, greedy text) of CHAT requests
+    seen_image: list[tuple[int, str]] = []  # ... of IMAGE_CHAT requests
     errors: list[str] = []
 
     def http_loop():
         r = oc.chat.completions.create(model="policy", messages=CHAT, temperature=0, max_tokens=8)
         seen.append((int(r.model.split("@v")[1]), r.choices[0].message.content))
 
-    def handle_loop():
-        for r in server.client.generate([GREEDY] * 4):
+    def http_image_loop():
+        r = oc.chat.completions.create(model="policy", messages=IMAGE_CHAT, temperature=0, max_tokens=8)
+        seen_image.append((int(r.model.split("@v")[1]), r.choices[0].message.content))
+
+    def handle_loop():  # text and image requests in one call
+        for i, r in enumerate(server.client.generate([GREEDY, {**GREEDY, "messages": IMAGE_CHAT}] * 2)):
             if r["error"]:
                 errors.append(r["error"])
             else:
-                seen.append((r["version"], r["outputs"][0]["text"]))
+                (seen_image if i % 2 else seen).append((r["version"], r["outputs"][0]["text"]))
 
     def forever(step):
         """Repeat `step` until stopped; any exception (an HTTP error, a handle call that raised, a bug in the step
@@ -486,8 +512,8 @@ def test_hammer_through_swaps_sees_only_whole_versions(server):
                     errors.append(repr(exc))
         return run
 
-    threads = [threading.Thread(target=forever(http_loop)) for _ in range(3)]
-    threads.append(threading.Thread(target=forever(handle_loop)))
+    threads = [threading.Thread(target=forever(step)) for step in (http_loop, http_loop, http_image_loop,
+                                                                   http_image_loop, handle_loop)]
     for t in threads:
         t.start()
     published = []
@@ -503,5 +529,8 @@ def test_hammer_through_swaps_sees_only_whole_versions(server):
     assert errors == []
     for version, text in seen:
         assert text == server.refs[server.weights_of[version]], (version, text)
-    per_version = collections.Counter(v for v, _ in seen)
-    assert len(seen) > 20 and set(published) <= set(per_version), per_version  # every published version answered
+    for version, text in seen_image:  # whole versions with images too: vision tower and encoder cache swapped
+        assert text == server.image_refs[server.weights_of[version]], (version, text)
+    for answers in (seen, seen_image):  # every published version answered, text and image requests alike
+        per_version = collections.Counter(v for v, _ in answers)
+        assert len(answers) > 20 and set(published) <= set(per_version), per_version

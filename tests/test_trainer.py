@@ -276,7 +276,11 @@ def test_mpo_zero0_first_step_skip_nan_and_export(zero0_run, models):
     # delta: cumulative mean over the carried 2 updates and this call's per-step world-mean rewards
     rewards = [h["reward_mean"] for h in r.history]
     assert r.delta_state["count"] == 4 and abs(r.delta_state["value"] - (0.1 + sum(rewards)) / 4) < 1e-9
-    assert r.metrics["tokens_per_s"] > 0 and r.metrics["startup_seconds"] > 0
+    # throughput is the run's tokens (both workers) over its training seconds, and per worker a half of it
+    m = r.metrics
+    assert m["tokens"] > 0 and m["train_seconds"] > 0 and m["startup_seconds"] > 0
+    assert m["tokens_per_s"] == pytest.approx(m["tokens"] / m["train_seconds"])
+    assert m["tokens_per_s_per_worker"] == pytest.approx(m["tokens_per_s"] / 2) and m["world_size"] == 2
     # one torch thread per reserved CPU, whatever the machine's core count: the same float reductions, so the same
     # weights, on any machine of the kind (and no thread oversubscription between workers)
     assert r.metrics["torch_threads"] == 1
