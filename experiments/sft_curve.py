@@ -43,7 +43,8 @@ def greedy_accuracy(model, processor, rows: list[dict], max_new_tokens: int = 12
         # the trainer's own prompt layout (image where the question's placeholder puts it)
         texts = [processor.apply_chat_template(user_message(r["question"], len(r["images"])),
                                                add_generation_prompt=True, tokenize=False) for r in chunk]
-        images = [[Image.open(io.BytesIO(r["images"][0])).convert("RGB")] for r in chunk]
+        images = ([[Image.open(io.BytesIO(r["images"][0])).convert("RGB")] for r in chunk]
+                  if all(r["images"] for r in chunk) else None)  # text-only tasks (word problems): no images
         enc = processor(text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
