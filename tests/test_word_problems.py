@@ -85,6 +85,13 @@ def test_bad_levels_are_refused():
         generate_problems(3, seed=0, levels=(5,))
 
 
+def test_a_level_out_of_questions_is_an_error_not_a_hang():
+    """Level 1 (one-digit numbers) has ~14.5k distinct questions: asking for more once drew forever (a run with
+    `data.levels=[1] data.n_train=16000` sat in its warm start's task generation)."""
+    with pytest.raises(ValueError, match=r"levels \[1\] ran out of distinct questions after 1[34]\d{3} of the 16000"):
+        generate_problems(16000, seed=0, levels=(1,))
+
+
 # --- checkpoints the loop refuses before starting (mpo_online.model_import.check_checkpoint) ----------------------
 
 def _checkpoint(tmp_path, arch, template=True):

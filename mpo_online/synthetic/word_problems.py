@@ -157,19 +157,29 @@ def make_problem(rng: random.Random, level: int, id_: str) -> dict:
             "solution": solution, "meta": json.dumps(meta, sort_keys=True)}
 
 
+MAX_REPEATS_IN_A_ROW = 20_000  # draws of already-seen questions before generate_problems gives up
+
+
 def generate_problems(n: int, seed: int, *, levels: tuple[int, ...] = (1, 2, 3), id_prefix: str = "wp",
                       exclude: set[str] = frozenset()) -> list[dict]:
     """n problems, levels drawn in turn (a balanced mix), questions in `exclude` skipped. Same args -> same rows."""
     bad = [lv for lv in levels if lv not in TEMPLATES]
     if bad or not levels:
         raise ValueError(f"word problem levels must be among {sorted(TEMPLATES)}, got {list(levels)}")
-    rng, rows, seen, i = random.Random(seed), [], set(exclude), 0
+    rng, rows, seen, i, misses = random.Random(seed), [], set(exclude), 0, 0
     while len(rows) < n:
         row = make_problem(rng, levels[i % len(levels)], f"{id_prefix}-{len(rows):06d}")
         i += 1
         if row["question"] not in seen:
             seen.add(row["question"])
             rows.append(row)
+            misses = 0
+            continue
+        # a level has a finite set of questions: when it runs out, say so instead of drawing forever
+        misses += 1
+        if misses > MAX_REPEATS_IN_A_ROW:
+            raise ValueError(f"levels {list(levels)} ran out of distinct questions after {len(rows)} of the {n} asked"
+                             f" ({len(exclude)} excluded): ask for fewer problems or add a level")
     return rows
 
 
