@@ -70,7 +70,8 @@ def _entry(r, acc):
     return {"round": r, "policy_version": r, "eval": {"accuracy_cot": acc, "accuracy_direct": acc / 2,
                                                       "format_failure_rate": 0.1},
             "pairs": {"pairs": {"correctness": 10 * r, "dropout_ntp": r}},
-            "train": {"loss": 0.5, "delta": 0.01}, "seconds": {"total": 12.0}}
+            "train": {"loss": 0.5, "delta": {"mode": "cumulative", "value": 0.01 * r, "count": 4.0 * r}},
+            "seconds": {"total": 12.0}}
 
 
 def test_reporter_writes_summary_metrics_plot_and_markdown(tmp_path):
@@ -86,7 +87,7 @@ def test_reporter_writes_summary_metrics_plot_and_markdown(tmp_path):
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "tb").glob("events.*"))
     md = (tmp_path / "report.md").read_text()
-    assert "| 1 | v1 | 45.0 | 22.5 | 10.0 | 11 |" in md and "+15.0 points" in md
+    assert "| 1 | v1 | 45.0 | 22.5 | 10.0 | 11 | 0.500 | 0.0100 | 12 |" in md and "+15.0 points" in md
     # a resumed reporter keeps earlier rounds and the wall time
     again = Reporter(tmp_path, "abc")
     assert sorted(again.rounds) == [0, 1] and again.wall_seconds_so_far() == 20.0

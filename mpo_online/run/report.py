@@ -100,6 +100,12 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _delta(d) -> str:
+    """BCO's δ after the round: the recipe records the moving average's whole state ({"value", "count", ...})."""
+    value = d.get("value") if isinstance(d, dict) else d
+    return "-" if value is None else f"{value:.4f}"
+
+
 def render_markdown(summary: dict) -> str:
     from mpo_online.run.machine import machine_line
     lines = ["# mpo-online run report", "",
@@ -115,7 +121,7 @@ def render_markdown(summary: dict) -> str:
         lines.append(
             f"| {r['round']} | v{r['policy_version']} | {_pct(ev.get('accuracy_cot'))} | "
             f"{_pct(ev.get('accuracy_direct'))} | {_pct(ev.get('format_failure_rate'))} | {n_pairs} | "
-            f"{'-' if loss is None else f'{loss:.3f}'} | {train.get('delta', '-')} | "
+            f"{'-' if loss is None else f'{loss:.3f}'} | {_delta(train.get('delta'))} | "
             f"{r.get('seconds', {}).get('total', 0):.0f} |")
     if "accuracy_cot_gain" in summary:
         lines += ["", f"CoT accuracy gain over the warm start: {100 * summary['accuracy_cot_gain']:+.1f} points."]
