@@ -193,3 +193,18 @@ def test_forwarded_batches_are_routed_and_never_raise(tmp_path):
     logs.write_batch({"pid": 5, "actor_name": "RayTrainWorker", "lines": ["after stop"]})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.log"]
     assert (tmp_path / "train.log").read_text() == "(RayTrainWorker pid=5) step\n"
+
+
+def test_a_forwarded_traceback_reaches_the_console_as_its_exception(tmp_path):
+    """A worker's traceback is reported by its exception line and where the whole of it is, not by "Traceback (most
+    recent call last):" alone; other error lines are reported as they are."""
+    from mpo_online.run.logs import ComponentLogs
+    seen = []
+    logs = ComponentLogs(tmp_path)
+    logs.on_error = seen.append
+    logs.write_batch({"pid": 7, "actor_name": "TrainController", "lines": [
+        "Traceback (most recent call last):", '  File "x.py", line 1, in get', "    ray.get(",
+        "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.", "ERROR worker died"]})
+    logs.stop()
+    assert seen == [f"[train] ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready. (traceback in "
+                    f"{tmp_path}/train.log)", "[train] ERROR worker died"]

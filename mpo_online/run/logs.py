@@ -55,6 +55,17 @@ class _ErrorMirror(logging.Handler):
             pass
 
 
+def _error_summary(lines: list[str], i: int, log_path: str) -> str:
+    """The console's line for an error line of a batch. A traceback's first line says nothing, so a traceback is
+    reported by its exception line (the first unindented line after it in the batch) and where the rest is."""
+    line = lines[i].strip()
+    if line.startswith("Traceback (most recent call last)"):
+        for later in lines[i + 1:]:
+            if later.strip() and not later[0].isspace():
+                return f"{later.strip()[:300]} (traceback in {log_path})"
+    return line[:300]
+
+
 class ComponentLogs:
     """Redirect this process's fd 1/2 to logs/driver.log and Ray's forwarded worker output to per-component files.
 
@@ -135,10 +146,10 @@ class ComponentLogs:
         f = self._file(comp)
         ip = "" if data.get("ip") == data.get("localhost") else f", ip={data.get('ip')}"
         prefix = f"({name + ' ' if name else ''}pid={pid}{ip}) "
-        for line in lines:
+        for i, line in enumerate(lines):
             f.write(prefix + line + "\n")
             if _ERROR_LINE.search(line):
-                self._report_error(f"[{comp}] {line.strip()[:300]}")
+                self._report_error(f"[{comp}] {_error_summary(lines, i, f'{self.dir}/{comp}.log')}")
         f.flush()
 
     def _file(self, comp: str):
