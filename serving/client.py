@@ -18,6 +18,17 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_APP = "mpo-policy"
+# A call whose replica died with it in flight is sent again (to a live replica, or to the replacement Serve starts,
+# which serves the latest published version) up to this many times. Safe to repeat: a call's results are taken once,
+# and seeded requests sample the same tokens wherever they run.
+REPLICA_DIED_RETRIES = 3
+
+
+def _replica_died_errors() -> tuple[type[BaseException], ...]:
+    """What a deployment handle raises for a call whose replica died (or became unreachable) with it in flight."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    return ActorDiedError, ActorUnavailableError
 
 
 def server_deployment_name(model_id: str) -> str:
@@ -50,6 +61,7 @@ class PolicyClient:
         self.base_url = base_url  # the OpenAI endpoint (http://host:port/v1), for humans and evals
         self._handle = None
         self._registry = None
+        self.retried = 0  # calls sent again because their replica died (this process's count)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_handle", "_registry")}
@@ -87,14 +99,24 @@ class PolicyClient:
         Each result: {"version", "outputs": [{"text", "n_tokens", "finish_reason"}], "prompt_tokens", "error"};
         requests with "logprobs": true also get each output's "token_ids", "logprobs" and "text_offsets" (see
         serving.server.PolicyServer.generate_batch for these and the other token-level request fields).
-        `progress(done, total)` is called as the chunks' results arrive (all chunks are in flight at once).
+        `progress(done, total)` is called as the chunks' results arrive (all chunks are in flight at once). A chunk
+        whose replica dies with it in flight is sent again (REPLICA_DIED_RETRIES; counted in `self.retried`).
         """
         if not requests:
             return []
-        responses = [self.handle.generate_batch.remote(c) for c in self._split(requests, chunks)]
+        parts = self._split(requests, chunks)
+        responses = [self.handle.generate_batch.remote(c) for c in parts]
         results = []
-        for resp in responses:
-            results += resp.result()
+        for part, resp in zip(parts, responses):
+            for attempt in range(REPLICA_DIED_RETRIES + 1):
+                try:
+                    results += resp.result()
+                    break
+                except _replica_died_errors() as exc:
+                    if attempt == REPLICA_DIED_RETRIES:
+                        raise RuntimeError(f"the replicas serving a call died {attempt + 1} times in a row") from exc
+                    self.retried += 1
+                    resp = self.handle.generate_batch.remote(part)
             if progress is not None:
                 progress(len(results), len(requests))
         return results
@@ -102,9 +124,17 @@ class PolicyClient:
     async def generate_async(self, requests: list[dict], *, chunks: int | None = None) -> list[dict]:
         if not requests:
             return []
-        parts = self._split(requests, chunks)
-        outs = await asyncio.gather(*(self.handle.generate_batch.remote(c) for c in parts))
+        outs = await asyncio.gather(*(self._call_async(c) for c in self._split(requests, chunks)))
         return [r for part in outs for r in part]
+
+    async def _call_async(self, part: list[dict]) -> list[dict]:
+        for attempt in range(REPLICA_DIED_RETRIES + 1):
+            try:
+                return await self.handle.generate_batch.remote(part)
+            except _replica_died_errors() as exc:
+                if attempt == REPLICA_DIED_RETRIES:
+                    raise RuntimeError(f"the replicas serving a call died {attempt + 1} times in a row") from exc
+                self.retried += 1
 
     # ------------------------------------------------------------------ weights and versions
     def publish(self, version: int, weights_dir: str | Path | None = None, *, weights_bytes: bytes | None = None,

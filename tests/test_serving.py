@@ -534,3 +534,50 @@ def test_hammer_through_swaps_sees_only_whole_versions(server):
     for answers in (seen, seen_image):  # every published version answered, text and image requests alike
         per_version = collections.Counter(v for v, _ in answers)
         assert len(answers) > 20 and set(published) <= set(per_version), per_version
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_call_loses_no_request(server):
+    """One of the two replicas is killed (ray.kill, as a crash would) while a call of 8 chunks is in flight: the
+    client sends the dead replica's chunks again, so every request is answered once, with the samples an undisturbed
+    call gives (seeded requests); Serve starts a replacement, which serves the current version. Last in the module:
+    it waits for the replacement, so later tests would see two replicas again anyway."""
+    import ray
+
+    from serving.client import running_replicas
+    reqs = [{"messages": IMAGE_CHAT if i % 2 else CHAT, "n": 2, "temperature": 1.0, "max_tokens": 48, "seed": i}
+            for i in range(128)]
+    reference = server.client.generate(reqs, chunks=8)
+    version, retried = server.client.current_version(), server.client.retried
+    out, errors = {}, []
+
+    def call():
+        try:
+            out["results"] = server.client.generate(reqs, chunks=8)
+        except Exception as exc:  # reaches the assertion below instead of ending the thread silently
+            errors.append(repr(exc))
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.5)
+    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("SERVE_REPLICA::") and "PolicyServer" in a["name"])
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    t.join(300)
+    assert errors == [] and not t.is_alive()
+    assert server.client.retried > retried  # the kill did hit calls in flight, and they were sent again
+
+    def texts(results):
+        return [[o["text"] for o in r["outputs"]] for r in results]
+    assert all(r["error"] is None for r in out["results"])
+    assert texts(out["results"]) == texts(reference)  # each request answered once, with the same samples
+    assert {r["version"] for r in out["results"]} == {version}
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        versions = server.client.replica_versions()
+        if running_replicas(server.client.app_name, server.client.deployment_name) == 2 and len(versions) == 2 \
+                and set(versions.values()) == {version} and victim["name"].split("#")[-1] not in versions:
+            break
+        time.sleep(2.0)
+    assert set(versions.values()) == {version} and len(versions) == 2, versions  # the replacement is at v{version}
