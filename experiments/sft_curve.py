@@ -103,12 +103,11 @@ def main() -> None:
     model_dir = a.init or str(build_model_dir(work / "model", scale_factor=a.scale_factor))
     train = load_prompts(tasks / "train.parquet")[0]
     heldout = [r for r in load_prompts(tasks / "heldout.parquet")[0] if r["answer"] is not None]
+    import pyarrow.parquet as pq
     if a.rft_from:
-        import pyarrow.parquet as pq
         examples = rft_examples(pq.read_table(a.rft_from).to_pylist(), {r["id"]: r for r in train},
                                 max_per_prompt=4, chosen_check=a.chosen_check)
     elif a.gold_prompts_from:
-        import pyarrow.parquet as pq
         ids = set(pq.read_table(a.gold_prompts_from, columns=["prompt_id"]).column("prompt_id").to_pylist())
         examples = sft_examples([r for r in train if r["id"] in ids], cot_instruction="", direct_instruction="",
                                 direct_fraction=0.0, seed=0)

@@ -113,9 +113,7 @@ class PolicyClient:
                     results += resp.result()
                     break
                 except _replica_died_errors() as exc:
-                    if attempt == REPLICA_DIED_RETRIES:
-                        raise RuntimeError(f"the replicas serving a call died {attempt + 1} times in a row") from exc
-                    self.retried += 1
+                    self._replica_died(attempt, exc)
                     resp = self.handle.generate_batch.remote(part)
             if progress is not None:
                 progress(len(results), len(requests))
@@ -132,9 +130,13 @@ class PolicyClient:
             try:
                 return await self.handle.generate_batch.remote(part)
             except _replica_died_errors() as exc:
-                if attempt == REPLICA_DIED_RETRIES:
-                    raise RuntimeError(f"the replicas serving a call died {attempt + 1} times in a row") from exc
-                self.retried += 1
+                self._replica_died(attempt, exc)
+
+    def _replica_died(self, attempt: int, exc: BaseException) -> None:
+        """A call's replica died on attempt `attempt` (0-based): count the retry, or give up after the last one."""
+        if attempt == REPLICA_DIED_RETRIES:
+            raise RuntimeError(f"the replicas serving a call died {attempt + 1} times in a row") from exc
+        self.retried += 1
 
     # ------------------------------------------------------------------ weights and versions
     def publish(self, version: int, weights_dir: str | Path | None = None, *, weights_bytes: bytes | None = None,

@@ -284,12 +284,10 @@ def server(tmp_path_factory):
         for name in ("m0", "m1", "m2"):
             if name != "m0":
                 srv.publish(name)
-            per_replica = srv.greedy_per_replica()
-            assert len({text for _, text in per_replica.values()}) == 1, per_replica
-            srv.refs[name] = next(iter(per_replica.values()))[1]
-            per_replica = srv.greedy_per_replica({**GREEDY, "messages": IMAGE_CHAT})
-            assert len({text for _, text in per_replica.values()}) == 1, per_replica
-            srv.image_refs[name] = next(iter(per_replica.values()))[1]
+            for refs, request in ((srv.refs, GREEDY), (srv.image_refs, {**GREEDY, "messages": IMAGE_CHAT})):
+                per_replica = srv.greedy_per_replica(request)
+                assert len({text for _, text in per_replica.values()}) == 1, per_replica
+                refs[name] = next(iter(per_replica.values()))[1]
         assert len(set(srv.refs.values())) == 3, srv.refs  # the three weight sets answer differently
         assert len(set(srv.image_refs.values())) == 3, srv.image_refs
         yield srv
