@@ -1,6 +1,6 @@
 """mpo_online pins the training processes' CPU float code path on x86-64 (mpo_online/__init__.py): MKL, ATen and
-oneDNN on their AVX2 kernels, so machines with and without AVX-512 train to the same bits (the bits themselves:
-tests/test_trainer.py::test_same_bits_as_recorded_on_the_development_machine)."""
+oneDNN on their AVX2 kernels, so machines of one CPU vendor with and without AVX-512 train to the same bits (the
+bits themselves, per vendor: tests/test_trainer.py::test_same_bits_as_recorded_on_the_development_machine)."""
 
 import os
 import platform
