@@ -296,16 +296,17 @@ def test_mpo_zero0_first_step_skip_nan_and_export(zero0_run, models):
 # sha256 of model.safetensors: the tiny VLM as built, and after the ZeRO-0 run above (2 workers on gloo, 2 AdamW
 # steps); torch 2.13.0+cpu (constraints.txt), with mpo_online's float pins (MKL_CBWR=AVX2, ATEN_CPU_CAPABILITY=avx2,
 # ONEDNN_MAX_CPU_ISA=AVX2: mpo_online/__init__.py). The build is the same everywhere; the trained bits are recorded per
-# CPU vendor, because MKL dispatches by vendor:
+# CPU vendor, because the pinned paths still differ between vendors (most likely MKL's, see below):
 # - GenuineIntel: recorded on an Intel Xeon with AVX-512 (Sapphire Rapids), where the pins make MKL, ATen and oneDNN run
 #   the kernels an AVX2-only machine runs. Without them it ended the 2 steps in b39f0b62..., with only ATen forced to
 #   AVX2 in 4ddd6a4f....
 # - AuthenticAMD: recorded on an AMD EPYC with AVX-512 (2026-12-03). Measured there: unpinned it ends in b39f0b62...
 #   (the same bits as the unpinned Intel: with AVX-512 kernels the two vendors agree); with the pins in d7696606...;
-#   MKL_CBWR=AUTO gives d7696606... too (so on AMD MKL does not take the AVX2 branch Intel's MKL takes under
-#   MKL_CBWR=AVX2: the vendor difference is MKL's), MKL_CBWR=COMPATIBLE gives 0a51ce75... (a vendor-neutral branch; not
-#   checked on Intel, so not adopted). An AVX2-only AMD EPYC (the machine of issue 27) runs the same AVX2 ATen/oneDNN
-#   kernels and the same vendor MKL path, so it should end in d7696606... as well: expected, not yet verified there.
+#   MKL_CBWR=AUTO gives d7696606... too (so on AMD, MKL_CBWR=AVX2 changes nothing; the vendor difference is most
+#   likely MKL's, though oneDNN's choices were not separated), MKL_CBWR=COMPATIBLE gives 0a51ce75... (perhaps
+#   vendor-neutral; not checked on Intel, so not adopted). An AVX2-only AMD EPYC (the machine of issue 27) runs the
+#   same AVX2 ATen/oneDNN kernels and the same vendor MKL path, so it should end in d7696606... as well: expected, not
+#   yet verified there.
 # A different sha on a recorded vendor means the float path changed (a 500-step warm start amplifies a last-bit
 # difference into another policy); an unrecorded vendor fails with the sha to record.
 BUILT_SHA = "a9b26b6bf57860cde5ecaec29c581d14dcd27cf69574913dd6479deaa4c71e92"
