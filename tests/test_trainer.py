@@ -314,17 +314,13 @@ TRAINED_SHA = {"GenuineIntel": "893d534d2e859ca37dcefe6ae11d453e31f410aebfb99681
                "AuthenticAMD": "d76966064d1248f7116fe53cd1c30fbaa539af6d4d9a645530fe12db0d66afa4"}
 
 
-def _cpu_vendor() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "unknown")
-
-
 def test_same_bits_as_recorded_on_the_development_machine(zero0_run, models):
     import torch
 
     from mpo_online import pinned_cpu_env
+    from mpo_online.run.machine import cpu_vendor
     from mpo_online.run.state import sha256_file
-    vendor = _cpu_vendor()
+    vendor = cpu_vendor()
     where = (f"{vendor}, torch {torch.__version__}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, "
              f"pins {pinned_cpu_env()}")
     built = sha256_file(os.path.join(models["vlm"], "model.safetensors"))
