@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     swapped = [r for r in range(1, cfg.loop.rounds + 1) if phase_at_least(run.manifest(r), "swapped")]
     if swapped:  # resuming: serve the newest policy that had been swapped in, through the same publish protocol
         client.publish(max(swapped), str(run.policy_dir(max(swapped))))
-    console.done(f"{cfg.serving.replicas} replica(s) serving policy v{max(swapped, default=0)}")
+    console.done(f"{cfg.serving.replicas} replica(s) serving policy v{max(swapped, default=0)}"
+                 + (" (reused: an earlier session left the app running)" if client.reused else ""))
 
     def served_generate(requests):
         results = client.generate(requests, chunks=EVAL_CHUNKS,

@@ -150,7 +150,9 @@ def start_policy_server(model_path: str | Path, *, app_name: str = DEFAULT_APP, 
     """Deploy the app (returns once every replica is up, at the latest published version) -> PolicyClient.
 
     A fresh deployment gets a fresh registry (version `initial_version` = `model_path`; later publishes must be
-    newer); redeploying a running app keeps it.
+    newer); redeploying a running app keeps it. An app that is running exactly this deployment already (the same
+    `app_key`: checkpoint, options and serving code, e.g. left by a driver that was killed and is now resumed) is
+    reused as it is, engines and published version included: `client.reused` is True.
     The HTTP proxy listens on host:port (Serve's HTTP options are fixed when Serve first starts in a cluster).
     """
     import ray
@@ -162,12 +164,42 @@ def start_policy_server(model_path: str | Path, *, app_name: str = DEFAULT_APP, 
         ray.init()
     start_serve(host=host, port=port)
     name = registry_name_for(app_name)
-    if app_name not in serve.status().applications:
+    key = app_key(model_path, app_name=app_name, route_prefix=route_prefix, model_id=model_id, **app_options)
+    client = PolicyClient(app_name, model_id=model_id, base_url=f"http://{host}:{port}{route_prefix.rstrip('/')}/v1")
+    app = serve.status().applications.get(app_name)
+    if app is None:
         _kill_registry(name)  # left over from an earlier run of a detached app: its versions do not apply
-    ray.get(get_registry(name, initial_version=initial_version).status.remote())  # before the replicas look for it
-    app = build_policy_app(model_path, model_id=model_id, app_name=app_name, **app_options)
-    serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
-    return PolicyClient(app_name, model_id=model_id, base_url=f"http://{host}:{port}{route_prefix.rstrip('/')}/v1")
+    registry = get_registry(name, initial_version=initial_version)
+    if app is not None and app.status == "RUNNING" and _healthy(ray.get(registry.status.remote()), key):
+        client.reused = True  # (a resumed job: ~50 s of engine start saved per replica start-up)
+        return client
+    ray.get(registry.status.remote())  # before the replicas look for it
+    serve.run(build_policy_app(model_path, model_id=model_id, app_name=app_name, **app_options), name=app_name,
+              route_prefix=route_prefix, blocking=False)
+    ray.get(registry.set_app_key.remote(key))
+    return client
+
+
+def _healthy(status: dict, key: str) -> bool:
+    """The registry's app runs deployment `key`, is not paused and every replica reports serving the desired
+    version (a failed or unfinished swap, or a pause, is redeployed or left to the caller as before)."""
+    desired, replicas = status["desired"], status["replicas"]
+    return (status["app_key"] == key and not desired["paused"] and bool(replicas)
+            and all(r["state"] == "serving" and r["version"] == desired["version"] for r in replicas.values()))
+
+
+def app_key(model_path: str | Path, **options) -> str:
+    """What identifies a deployment: the checkpoint, every option of `start_policy_server` and the serving code
+    (a resumed job must not reuse engines that run other code). A sha256 (the options can hold an admin token)."""
+    import hashlib
+    import json
+
+    code = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(f.read_bytes())
+    desc = {"model": str(Path(model_path).resolve()) if Path(model_path).exists() else str(model_path),
+            "options": options, "code": code.hexdigest()}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def stop_policy_server(app_name: str = DEFAULT_APP) -> None:

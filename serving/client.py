@@ -62,6 +62,7 @@ class PolicyClient:
         self._handle = None
         self._registry = None
         self.retried = 0  # calls sent again because their replica died (this process's count)
+        self.reused = False  # start_policy_server attached to an app already running this deployment
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_handle", "_registry")}

@@ -103,6 +103,7 @@ class PolicyRegistry:
         self._desired: dict[str, Any] = {"gen": 0, "version": initial_version, "source": None, "paused": False}
         self._changed = asyncio.Event()
         self._replicas: dict[str, dict[str, Any]] = {}
+        self._app_key: str | None = None  # the deployment this registry's app runs (serving.app.app_key)
 
     def _bump(self, **fields) -> int:
         self._desired.update(fields, gen=self._desired["gen"] + 1)
@@ -134,6 +135,9 @@ class PolicyRegistry:
         if self._desired["gen"] == gen:
             self._desired["source"] = {"ref": [own]}
 
+    def set_app_key(self, key: str) -> None:
+        self._app_key = key
+
     def set_paused(self, paused: bool) -> int:
         return self._bump(paused=bool(paused))
 
@@ -163,7 +167,8 @@ class PolicyRegistry:
         now = time.time()
         live = {rid: dict(s, age_s=now - s["seen"]) for rid, s in self._replicas.items()
                 if now - s["seen"] < STALE_AFTER_S}
-        return {"desired": {k: v for k, v in self._desired.items() if k != "source"}, "replicas": live}
+        return {"desired": {k: v for k, v in self._desired.items() if k != "source"}, "replicas": live,
+                "app_key": self._app_key}
 
     def _touch(self, replica_id: str) -> dict:
         entry = self._replicas.setdefault(replica_id, {"version": None, "state": "starting", "error": None})

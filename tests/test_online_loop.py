@@ -219,6 +219,11 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
     sessions = [json.loads(line) for line in (run / "sessions.jsonl").read_text().splitlines()]
     assert len(sessions) >= 2 and all(s["argv"][:2] == ["python", "jobs/online_mpo.py"] and s["machine"]["cores"]
                                       for s in sessions)
+    # the resumed sessions attached to the app the killed one left running (same checkpoint, options and code):
+    # the first session's engines served all three
+    for job in ("mpo-b", "mpo-c"):
+        assert "serving policy v" in _client(cluster).get_job_logs(job)
+        assert "(reused: an earlier session left the app running)" in _client(cluster).get_job_logs(job), job
     logs = _client(cluster).get_job_logs("mpo-c")
     assert re.search(r"== round 2/2 done: CoT [\d.]+% \(was [\d.]+%\)", logs)
     assert re.search(r"\n1 +[\d.]+ +[\d.]+ +\d+ +[\d.]+\n2 +[\d.]+ +[\d.]+ +\d+ +[\d.]+\n", logs)  # rounds table

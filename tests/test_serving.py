@@ -146,6 +146,35 @@ def test_late_replica_starts_at_latest_version_and_pause_holds_requests():
     asyncio.run(main())
 
 
+def test_a_resumed_driver_reuses_only_a_healthy_app_of_the_same_deployment(tmp_path):
+    """serving.app: a running app is reused when its registry records the same app_key (checkpoint, options,
+    serving code) and every replica serves the desired version, unpaused; anything else is redeployed."""
+    from serving.app import _healthy, app_key
+    from serving.weight_sync import PolicyRegistry
+
+    (tmp_path / "a").mkdir()
+    key = app_key(tmp_path / "a", model_id="policy", dtype="float32", served_from={"run_dir": "r"})
+    assert key == app_key(str(tmp_path / "a"), served_from={"run_dir": "r"}, dtype="float32", model_id="policy")
+    assert key != app_key(tmp_path / "b", model_id="policy", dtype="float32", served_from={"run_dir": "r"})
+    assert key != app_key(tmp_path / "a", model_id="policy", dtype="bfloat16", served_from={"run_dir": "r"})
+    assert key != app_key(tmp_path / "a", model_id="policy", dtype="float32", served_from={"run_dir": "other"})
+
+    reg = PolicyRegistry(initial_version=0)
+    reg.report("r1", 0, "serving")
+    assert not _healthy(reg.status(), key)  # no key recorded: an app deployed by something else
+    reg.set_app_key(key)
+    assert _healthy(reg.status(), key) and not _healthy(reg.status(), key[::-1])
+    reg.set_version(1, {"path": "v1"})
+    assert not _healthy(reg.status(), key)  # the replica has not swapped to the published version yet
+    reg.report("r1", 1, "serving")
+    reg.report("r2", 1, "failed", error="reload failed")
+    assert not _healthy(reg.status(), key)
+    reg.report("r2", 1, "serving")
+    assert _healthy(reg.status(), key)
+    reg.set_paused(True)
+    assert not _healthy(reg.status(), key)
+
+
 def test_validation_and_admin_route_map():
     from serving.ingress import endpoint_map
     from serving.validation import (

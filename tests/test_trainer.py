@@ -424,23 +424,40 @@ def test_zero3_resume_keeps_delta_and_matches_zero0(ray4, models, pairs_file, ze
     assert train_policy(pairs_file, **kw).history == r.history
 
 
+@pytest.fixture(scope="module")
+def stage_runs(ray4, models, pairs_file, tmp_path_factory):
+    """ZeRO-0, -1 and -2 MPO (the ZeRO-0 run's data, NaN micro-batch included) and a text-only SFT call, through one
+    TrainerSession: the loop's path, and one Ray Train start-up for the four calls instead of four."""
+    from mpo_online.trainer.session import TrainerSession
+    root = tmp_path_factory.mktemp("stages")
+    kw = {k: v for k, v in COMMON.items() if k not in ("num_workers", "worker_cpus")}
+    s = TrainerSession.start(num_workers=2, worker_cpus=1.0, storage_dir=root / "storage")
+    try:
+        runs = {stage: s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / f"zero{stage}", objective="mpo",
+                               zero_stage=stage, delta_state=CARRIED, _nan_on_micro_batches=(1,), **kw)
+                for stage in (0, 1, 2)}
+        runs["sft"] = s.train(pairs_file, policy_dir=models["txt"], out_dir=root / "sft", objective="sft", epochs=2,
+                              **kw)
+    finally:
+        s.close()
+    return runs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
-def test_zero1_and_zero2_train_like_zero0_and_export_loadable_weights(ray4, models, pairs_file, zero0_run, stage,
-                                                                      tmp_path):
-    """ZeRO-1/2 (optimizer states, and gradients, partitioned over the 2 workers) on the ZeRO-0 run's data, NaN
-    micro-batch included: the same steps and losses, and an export that loads in transformers with ZeRO-0's weights
+def test_zero1_and_zero2_train_like_zero0_and_export_loadable_weights(stage_runs, models, stage):
+    """ZeRO-1/2 (optimizer states, and gradients, partitioned over the 2 workers) against ZeRO-0 on the same data
+    in the same session: the same steps and losses, and an export that loads in transformers with ZeRO-0's weights
     up to float reduction order. Stages 0-2 export through the same code (rank 0 saves its full module), the one the
     loop's rounds load into vLLM every round."""
-    from mpo_online.trainer import train_policy
     from mpo_online.trainer.logps import load_model
-    r = train_policy(pairs_file, policy_dir=models["vlm"], out_dir=tmp_path / "policy", objective="mpo",
-                     zero_stage=stage, delta_state=CARRIED, _nan_on_micro_batches=(1,), **COMMON)
+    r, r0 = stage_runs[stage], stage_runs[0]
     assert r.metrics["zero_stage"] == stage and r.metrics["steps"] == 2 and r.metrics["skipped_nonfinite"] == 1
-    for h, h0 in zip(r.history, zero0_run.history, strict=True):
+    assert r0.metrics["zero_stage"] == 0 and r0.metrics["steps"] == 2
+    for h, h0 in zip(r.history, r0.history, strict=True):
         for k in ("loss", "loss_pref", "loss_quality", "loss_gen", "reward_mean"):
             assert h[k] == pytest.approx(h0[k], rel=1e-4, abs=1e-6), (stage, k)
-    z0, zs = _weights(zero0_run.policy_dir), _weights(r.policy_dir)
+    z0, zs = _weights(r0.policy_dir), _weights(r.policy_dir)
     start = _weights(models["vlm"])
     assert set(zs) == set(z0)
     for k in z0:
@@ -453,11 +470,10 @@ def test_zero1_and_zero2_train_like_zero0_and_export_loadable_weights(ray4, mode
 
 
 @pytest.mark.slow
-def test_sft_reduces_nll_text_only(ray4, models, pairs_file, tmp_path):
+def test_sft_reduces_nll_text_only(stage_runs, models):
     import torch
 
     from mpo_online.data.records import pairs_to_table
-    from mpo_online.trainer import train_policy
     from mpo_online.trainer.batching import PairCollator
     from mpo_online.trainer.logps import load_model, sequence_logps
 
@@ -467,8 +483,7 @@ def test_sft_reduces_nll_text_only(ray4, models, pairs_file, tmp_path):
         with torch.no_grad():
             return float(sequence_logps(load_model(model_dir), t)[1].mean())
 
-    r = train_policy(pairs_file, policy_dir=models["txt"], out_dir=tmp_path / "sft", objective="sft", epochs=2,
-                     **COMMON)
+    r = stage_runs["sft"]
     assert r.metrics["steps"] == 6 and r.history[-1]["loss_gen"] < r.history[0]["loss_gen"]
     before, after = mean_nll(models["txt"]), mean_nll(r.policy_dir)
     assert after < before - 0.5, (before, after)
