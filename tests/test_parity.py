@@ -12,6 +12,7 @@ One Ray init and one Serve deployment for the module; about two minutes.
 """
 
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -38,15 +39,21 @@ def env(tmp_path_factory, policy_app):
 
     torch.set_num_threads(1)  # two shared cores: more threads spin against each other (measured 20x slower)
     tmp = tmp_path_factory.mktemp("parity")
-    model = build_model_dir(tmp / "policy")
+    init = build_model_dir(tmp / "init")
+    model = tmp / "policy"
+    shutil.copytree(init, model)
     demos = pairs_to_table(sft_examples(generate_tasks(256, seed=1, levels=(1,), open_fraction=0.3),
                                         cot_instruction="", direct_instruction="", direct_fraction=0.0,
                                         seed=0)).to_pylist()
-    sft = sft_in_process(model, demos, steps=SFT_STEPS, lr=3e-3, batch_size=16, threads=1)
     tasks = generate_tasks(16, seed=7, levels=(1,), open_fraction=0.5)
-    with policy_app(model, app=APP, port=PORT, dtype="float32", max_model_len=256, max_num_seqs=128,
+    # the engine starts on the untrained policy (in the background: mostly single-threaded imports) while this
+    # process trains a copy on one thread (~1 min); the trained weights are then hot-swapped in as version 1, so
+    # parity is measured on weights the engine reloaded, as in every round of the loop
+    with policy_app(init, app=APP, port=PORT, dtype="float32", max_model_len=256, max_num_seqs=128,
                     kv_cache_gb=1) as client:
-        stats = run_round(to_ray_dataset(tasks, block_rows=8), client=client, round=0, policy_version=0,
+        sft = sft_in_process(model, demos, steps=SFT_STEPS, lr=3e-3, batch_size=16, threads=1)
+        client.publish(1, str(model))
+        stats = run_round(to_ray_dataset(tasks, block_rows=8), client=client, round=0, policy_version=1,
                           out_dir=tmp / "run", samples_per_prompt=16, temperature=TEMPERATURE, max_tokens=MAX_TOKENS,
                           prompts_per_round=16, max_pairs_per_prompt=4, ntp_prefix_ratio=0.5, seed=3,
                           policy_dir=str(model), batch_size=4, concurrency=2)

@@ -1,9 +1,10 @@
 """Tests for mpo_online.trainer: batching and log-probs on the tiny models, then real Ray Train + DeepSpeed runs.
 
 Integration runs (2 workers, gloo, torch AdamW) share one `ray.init(num_cpus=4)` for the module and tiny data
-(24 pairs of 64x64 PNGs, micro-batch 4 -> 3 micro-batches per worker). Four `train_policy` calls in all:
-ZeRO-0 MPO with an injected NaN; ZeRO-3 MPO interrupted after step 1 and resumed; SFT on the text-only model; and one
-TrainerSession (the loop's worker group that lives across rounds) serving four calls.
+(24 pairs of 64x64 PNGs, micro-batch 4 -> 3 micro-batches per worker). Two `train_policy` runs: ZeRO-0 MPO with an
+injected NaN (the golden bits), and ZeRO-3 MPO interrupted after step 1 and resumed; and one TrainerSession (the
+loop's worker group that lives across rounds) serving the other calls: rounds, a redo, an early stop, ZeRO stages
+0-2 and SFT on the text-only model, and a failing call.
 """
 
 import io
@@ -345,9 +346,10 @@ def test_exported_policy_loads_and_generates(zero0_run, rows):
 
 @pytest.fixture(scope="module")
 def session_runs(ray4, models, pairs_file, tmp_path_factory):
-    """One TrainerSession (a worker group for the whole run), four calls, closed before the next tests: round 1 from
+    """One TrainerSession (a worker group for the whole run), its calls, closed before the next tests: round 1 from
     the initial policy with a carried delta; round 2 from round 1's policy and delta; round 1 again into a fresh
-    directory (what a resumed job does after a kill); a call whose every micro-batch is non-finite (fails)."""
+    directory (what a resumed job does after a kill); one stopped on its loss; ZeRO stages 0-2 and a text-only SFT
+    (for the slow tests); last, a call whose every micro-batch is non-finite (fails)."""
     from mpo_online.trainer.session import TrainerSession
     root = tmp_path_factory.mktemp("session")
     kw = {k: v for k, v in COMMON.items() if k not in ("num_workers", "worker_cpus")}
@@ -361,13 +363,21 @@ def session_runs(ray4, models, pairs_file, tmp_path_factory):
         # any loss is below 100: the call ends after its first optimizer step (of 3)
         stopped = s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / "p_stop", seed=1, stop_loss=100.0,
                           stop_window=1, **kw)
+        # ZeRO-0, -1 and -2 on the ZeRO-0 run's data (NaN micro-batch included), and SFT of the text-only model:
+        # the slow tests below compare them (here, they cost no Ray Train start-up of their own)
+        stages = {stage: s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / f"zero{stage}",
+                                 objective="mpo", zero_stage=stage, delta_state=CARRIED, _nan_on_micro_batches=(1,),
+                                 **kw) for stage in (0, 1, 2)}
+        stages["sft"] = s.train(pairs_file, policy_dir=models["txt"], out_dir=root / "sft", objective="sft",
+                                epochs=2, **kw)
         with pytest.raises(RuntimeError, match="non-finite"):
             s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / "bad", seed=1, max_nonfinite_steps=0,
                     _nan_on_micro_batches=(0, 1, 2), **kw)
         failed_closed = s.closed
     finally:
         s.close()
-    return {"root": root, "r1": r1, "r2": r2, "redo": redo, "stopped": stopped, "failed_closed": failed_closed}
+    return {"root": root, "r1": r1, "r2": r2, "redo": redo, "stopped": stopped, "failed_closed": failed_closed,
+            "stages": stages}
 
 
 def test_session_reuses_its_workers_and_carries_delta(session_runs, models):
@@ -424,34 +434,15 @@ def test_zero3_resume_keeps_delta_and_matches_zero0(ray4, models, pairs_file, ze
     assert train_policy(pairs_file, **kw).history == r.history
 
 
-@pytest.fixture(scope="module")
-def stage_runs(ray4, models, pairs_file, tmp_path_factory):
-    """ZeRO-0, -1 and -2 MPO (the ZeRO-0 run's data, NaN micro-batch included) and a text-only SFT call, through one
-    TrainerSession: the loop's path, and one Ray Train start-up for the four calls instead of four."""
-    from mpo_online.trainer.session import TrainerSession
-    root = tmp_path_factory.mktemp("stages")
-    kw = {k: v for k, v in COMMON.items() if k not in ("num_workers", "worker_cpus")}
-    s = TrainerSession.start(num_workers=2, worker_cpus=1.0, storage_dir=root / "storage")
-    try:
-        runs = {stage: s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / f"zero{stage}", objective="mpo",
-                               zero_stage=stage, delta_state=CARRIED, _nan_on_micro_batches=(1,), **kw)
-                for stage in (0, 1, 2)}
-        runs["sft"] = s.train(pairs_file, policy_dir=models["txt"], out_dir=root / "sft", objective="sft", epochs=2,
-                              **kw)
-    finally:
-        s.close()
-    return runs
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
-def test_zero1_and_zero2_train_like_zero0_and_export_loadable_weights(stage_runs, models, stage):
+def test_zero1_and_zero2_train_like_zero0_and_export_loadable_weights(session_runs, models, stage):
     """ZeRO-1/2 (optimizer states, and gradients, partitioned over the 2 workers) against ZeRO-0 on the same data
     in the same session: the same steps and losses, and an export that loads in transformers with ZeRO-0's weights
     up to float reduction order. Stages 0-2 export through the same code (rank 0 saves its full module), the one the
     loop's rounds load into vLLM every round."""
     from mpo_online.trainer.logps import load_model
-    r, r0 = stage_runs[stage], stage_runs[0]
+    r, r0 = session_runs["stages"][stage], session_runs["stages"][0]
     assert r.metrics["zero_stage"] == stage and r.metrics["steps"] == 2 and r.metrics["skipped_nonfinite"] == 1
     assert r0.metrics["zero_stage"] == 0 and r0.metrics["steps"] == 2
     for h, h0 in zip(r.history, r0.history, strict=True):
@@ -470,7 +461,7 @@ def test_zero1_and_zero2_train_like_zero0_and_export_loadable_weights(stage_runs
 
 
 @pytest.mark.slow
-def test_sft_reduces_nll_text_only(stage_runs, models):
+def test_sft_reduces_nll_text_only(session_runs, models):
     import torch
 
     from mpo_online.data.records import pairs_to_table
@@ -483,7 +474,7 @@ def test_sft_reduces_nll_text_only(stage_runs, models):
         with torch.no_grad():
             return float(sequence_logps(load_model(model_dir), t)[1].mean())
 
-    r = stage_runs["sft"]
+    r = session_runs["stages"]["sft"]
     assert r.metrics["steps"] == 6 and r.history[-1]["loss_gen"] < r.history[0]["loss_gen"]
     before, after = mean_nll(models["txt"]), mean_nll(r.policy_dir)
     assert after < before - 0.5, (before, after)
