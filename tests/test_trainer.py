@@ -416,15 +416,18 @@ def test_zero3_resume_keeps_delta_and_matches_zero0(ray4, models, pairs_file, ze
     out, storage = tmp_path / "policy", tmp_path / "ray_train"
     kw = dict(policy_dir=models["vlm"], out_dir=out, objective="mpo", zero_stage=3, storage_dir=storage,
               run_name="z3", checkpoint_every=1, delta_state=CARRIED, **COMMON)
+    # a worker process SIGKILLed after step 2's checkpoint (of 3 steps). The checkpoint it reported just before
+    # dying can be lost with it (Ray Train registers a checkpoint once every worker's report arrives; measured: after
+    # a kill at step 1 the rerun started from scratch), step 1's cannot: the rerun resumes from step 1 or 2
     with pytest.raises(RuntimeError, match="resume"):
-        train_policy(pairs_file, _fail_after_step=1, **kw)
+        train_policy(pairs_file, _fail_after_step=2, **kw)
     assert not out.exists() and any(p.startswith("checkpoint_") for p in os.listdir(storage / "z3"))
     r = train_policy(pairs_file, **kw)
-    assert r.metrics["resumed_from_step"] == 1 and r.metrics["steps"] == 3 and len(r.history) == 3
+    assert r.metrics["resumed_from_step"] in (1, 2) and r.metrics["steps"] == 3 and len(r.history) == 3
     # ZeRO-3 step 1 == ZeRO-0 step 1 (same data order, weights, objective; the NaN was on micro-batch 1)
     for k in ("loss", "grad_norm", "reward_mean"):
         assert abs(r.history[0][k] - zero0_run.history[0][k]) < 1e-4 * max(1.0, abs(zero0_run.history[0][k]))
-    # delta carried in (0.05 over 2 updates) + 3 updates, one of them before the restart
+    # delta carried in (0.05 over 2 updates) + 3 updates, some of them before the restart
     rewards = [h["reward_mean"] for h in r.history]
     assert r.delta_state["count"] == 5
     assert abs(r.delta_state["value"] - (0.05 * 2 + sum(rewards)) / 5) < 1e-9

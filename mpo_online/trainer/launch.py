@@ -228,7 +228,8 @@ def train_policy(dataset, *, policy_dir, out_dir, ref_dir=None, objective: str =
                "first_diff_token" (batching.py).
     checkpoint_every: optimizer steps between resumable Ray Train checkpoints (0: only the final one).
     max_failures: Ray Train restarts from the last checkpoint within this call. cleanup: delete the run's Ray Train
-        storage after publishing. `_nan_on_micro_batches`, `_fail_after_step`: test hooks.
+        storage after publishing. Test hooks: `_nan_on_micro_batches`; `_fail_after_step`: the last worker's
+        process SIGKILLs itself after that step's checkpoint.
     The caller must have called ray.init(). Returns a TrainResult; raises RuntimeError when the job fails (the
     message says how to resume).
     """
