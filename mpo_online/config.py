@@ -40,7 +40,7 @@ class DataConfig(_Section):
     # image_outside_root); true lets them point anywhere this machine can read
     images_anywhere: bool = False
     # which synthetic family `generate_if_missing` writes: counting shapes in grid images
-    # (mpo_online/synthetic/tasks.py; levels 1-3) or text-only arithmetic word problems
+    # (mpo_online/synthetic/tasks.py; levels 1-4) or text-only arithmetic word problems
     # (mpo_online/synthetic/word_problems.py; levels 1-4, no max_count/open tasks)
     task: Literal["grid", "word_problems"] = "grid"
     n_train: int = Field(2000, gt=0)

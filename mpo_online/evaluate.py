@@ -51,7 +51,7 @@ def chain_rates(rows: list[dict], texts: list[str], correct: list[bool]) -> dict
         meta = json.loads(r.get("meta") or "{}")
         if "cells" not in meta or meta.get("op") == "describe":
             continue
-        checks.append(check_chain(t, meta["op"], meta["colors"], meta["cells"]))
+        checks.append(check_chain(t, meta["op"], meta["colors"], meta["cells"], meta.get("factor")))
         levels.setdefault(str(meta.get("level")), []).append(ok)
     if not checks:
         return {}

@@ -34,6 +34,20 @@ def test_scan_lines_and_worked_solutions_by_hand():
     assert describe_solution(CELLS, ("red", "yellow")) == "r: 1......2.3...... = 3\ny: ................ = 0"
     assert glance_solution("product", ["red", "blue"], {"red": 3, "blue": 2}) == \
         "I see 3 red and 2 blue. 3 * 2 = 6.\nFinal answer: 6"
+    # Level 4: one colour's count times the question's factor.
+    assert worked_solution("scale", ["red"], CELLS, 7) == ("r: 1......2.3...... = 3\n3 * 7 = 21\nFinal answer: 21", 21)
+    assert glance_solution("scale", ["red"], {"red": 3}, 7) == "I see 3 red. 3 * 7 = 21.\nFinal answer: 21"
+
+
+def test_check_chain_of_the_scale_op_checks_the_times_table_fact_and_the_factor():
+    right = "r: 1......2.3...... = 3\n3 * 7 = 21\nFinal answer: 21"
+    assert check_chain(right, "scale", ["red"], CELLS, 7) == {"scanned": True, "consistent": True, "perceived": True}
+    # A wrong fact (3 * 7 = 24), the wrong factor (3 * 6 = 18) or a misread count carried through (2 * 7 = 14).
+    assert not check_chain(right.replace("21", "24"), "scale", ["red"], CELLS, 7)["consistent"]
+    assert not check_chain("r: 1......2.3...... = 3\n3 * 6 = 18\nFinal answer: 18", "scale", ["red"], CELLS,
+                           7)["consistent"]
+    assert check_chain("r: 1......2........ = 2\n2 * 7 = 14\nFinal answer: 14", "scale", ["red"], CELLS, 7) == \
+        {"scanned": True, "consistent": True, "perceived": False}
 
 
 def test_check_chain_tells_consistent_misread_and_broken_chains_apart():

@@ -113,6 +113,7 @@ def test_round_line_and_final_table(tmp_path):
     out = buf.getvalue()
     assert "1                31.1      30.9    909     66.7" in out
     assert f"report  {tmp_path / 'report.md'}" in out and f"plot    {tmp_path / 'accuracy.png'}" in out
+    assert "jobs/configs/learning_curve.yaml" in out
 
 
 def test_train_progress_file(tmp_path):

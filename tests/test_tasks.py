@@ -69,6 +69,8 @@ def oracle_answer(question: str, counts: Counter) -> str | None:
         return str(counts[m[1]] - counts[m[2]])
     if m := re.fullmatch(r"Multiply the number of (\w+) shapes by the number of (\w+) shapes\.", question):
         return str(counts[m[1]] * counts[m[2]])
+    if m := re.fullmatch(r"Multiply the number of (\w+) shapes by (\d)\.", question):
+        return str(counts[m[1]] * int(m[2]))
     return None
 
 
@@ -164,8 +166,18 @@ def test_difficulty_knobs_change_questions():
     for r in small:
         assert sum(json.loads(r["meta"])["counts"].values()) <= 4
         assert Image.open(io.BytesIO(r["images"][0])).size == (32, 32)
+    lv4 = generate_tasks(200, seed=3, levels=(4,), open_fraction=0.0)
+    metas = [json.loads(r["meta"]) for r in lv4]
+    assert {m["op"] for m in metas} == {"scale"} and {m["factor"] for m in metas} == set(range(2, 10))
+    assert all(m["counts"][m["colors"][0]] > 0 for m in metas)  # a present colour: "0" is no blind guess
+    for r, m in zip(lv4, metas):  # scan line, "<count> * <factor> = <answer>", final answer
+        count = m["counts"][m["colors"][0]]
+        assert r["solution"].split("\n")[1:] == [f"{count} * {m['factor']} = {r['answer']}",
+                                                 f"Final answer: {r['answer']}"]
+    assert "factor" not in json.loads(lv3[0]["meta"])  # the other levels' rows are unchanged
+    assert oracle_answer(lv4[0]["question"], pixel_counts(lv4[0]["images"][0])) == lv4[0]["answer"]
     with pytest.raises(ValueError):
-        generate_tasks(1, seed=0, levels=(4,))
+        generate_tasks(1, seed=0, levels=(5,))
     with pytest.raises(ValueError):
         generate_tasks(1, seed=0, colors=("red",), levels=(2,))
 

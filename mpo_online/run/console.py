@@ -301,6 +301,8 @@ class Console:
                  f"report  {run_dir / 'report.md'}", f"plot    {run_dir / 'accuracy.png'}"]
         if self.logs is not None:
             lines.append(f"logs    {self.logs.dir}/")
+        lines.append("more    the longer learning curve (jobs/configs/learning_curve.yaml) and every measured run: "
+                     "docs/experiments.md")
         self.line("\n".join(lines))
 
     def stop(self) -> None:

@@ -34,7 +34,7 @@ import json
 import re
 
 COLOR_LETTERS = {"red": "r", "green": "g", "blue": "b", "yellow": "y"}
-OP_SYMBOL = {"sum": "+", "diff": "-", "product": "*"}
+OP_SYMBOL = {"sum": "+", "diff": "-", "product": "*", "scale": "*"}
 _LINE = re.compile(r"^([a-z]): ([.0-9]+) = (\d+)$")
 _ARITH = re.compile(r"^(\d+) ([+\-*]) (\d+) = (-?\d+)$")
 _FINAL = re.compile(r"^Final answer: (-?\d+)$")
@@ -52,8 +52,9 @@ def scan_line(cells: str, letter: str) -> tuple[str, int]:
     return f"{letter}: {''.join(out)} = {k}", k
 
 
-def worked_solution(op: str, colors: list[str], cells: str) -> tuple[str, int]:
-    """The careful chain for a question (op count/sum/diff/product over `colors`) and its answer."""
+def worked_solution(op: str, colors: list[str], cells: str, factor: int | None = None) -> tuple[str, int]:
+    """The careful chain for a question (op count/sum/diff/product over `colors`, or scale: one colour's count times
+    the question's `factor`) and its answer."""
     lines, counts = [], []
     for c in colors:
         line, k = scan_line(cells, COLOR_LETTERS[c])
@@ -62,8 +63,8 @@ def worked_solution(op: str, colors: list[str], cells: str) -> tuple[str, int]:
     if op == "count":
         n = counts[0]
     else:
-        x, y = counts
-        n = {"sum": x + y, "diff": x - y, "product": x * y}[op]
+        x, y = (counts[0], factor) if op == "scale" else counts
+        n = {"sum": x + y, "diff": x - y, "product": x * y, "scale": x * y}[op]
         lines.append(f"{x} {OP_SYMBOL[op]} {y} = {n}")
     return "\n".join(lines + [f"Final answer: {n}"]), n
 
@@ -73,18 +74,20 @@ def describe_solution(cells: str, palette: tuple[str, ...]) -> str:
     return "\n".join(scan_line(cells, COLOR_LETTERS[c])[0] for c in palette)
 
 
-def glance_solution(op: str, colors: list[str], counts: dict[str, int]) -> str:
+def glance_solution(op: str, colors: list[str], counts: dict[str, int], factor: int | None = None) -> str:
     """A chain that states the counts at a glance ("I see 3 red and 2 blue. 3 + 2 = 5."), without scanning."""
     xs = [counts[c] for c in colors]
     if op == "count":
         return f"I see {xs[0]} {colors[0]}.\nFinal answer: {xs[0]}"
+    if op == "scale":
+        return f"I see {xs[0]} {colors[0]}. {xs[0]} * {factor} = {xs[0] * factor}.\nFinal answer: {xs[0] * factor}"
     n = {"sum": xs[0] + xs[1], "diff": xs[0] - xs[1], "product": xs[0] * xs[1]}[op]
     return (f"I see {xs[0]} {colors[0]} and {xs[1]} {colors[1]}. {xs[0]} {OP_SYMBOL[op]} {xs[1]} = {n}.\n"
             f"Final answer: {n}")
 
 
-def check_chain(text: str, op: str, colors: list[str], cells: str) -> dict:
-    """What a model's chain states and whether it holds together.
+def check_chain(text: str, op: str, colors: list[str], cells: str, factor: int | None = None) -> dict:
+    """What a model's chain states and whether it holds together (`factor`: the scale op's multiplier).
 
     Returns {"scanned": the chain has one well-formed scan line per asked colour (in order),
              "consistent": every line's tallies run 1..k and its count is k, the arithmetic line is right for the
@@ -116,7 +119,8 @@ def check_chain(text: str, op: str, colors: list[str], cells: str) -> dict:
         if arith is None:
             return out
         x, sym, y, n = int(arith.group(1)), arith.group(2), int(arith.group(3)), int(arith.group(4))
-        ok &= (x, y, sym) == (counts[0], counts[1], OP_SYMBOL[op]) and n == {"+": x + y, "-": x - y, "*": x * y}[sym]
+        second = factor if op == "scale" else counts[1]
+        ok &= (x, y, sym) == (counts[0], second, OP_SYMBOL[op]) and n == {"+": x + y, "-": x - y, "*": x * y}[sym]
         result, rest = n, rest[1:]
     final = _FINAL.match(rest[0]) if rest else None
     out["consistent"] = bool(ok and final is not None and int(final.group(1)) == result)
@@ -153,7 +157,7 @@ def chosen_checker(mode: str, meta: dict | None):
     needed = ("consistent",) if mode == "consistent" else ("consistent", "perceived")
 
     def chosen_ok(text: str) -> bool:
-        checked = check_chain(text, meta["op"], meta["colors"], meta["cells"])
+        checked = check_chain(text, meta["op"], meta["colors"], meta["cells"], meta.get("factor"))
         return all(checked[k] for k in needed)
     return chosen_ok
 
@@ -173,7 +177,7 @@ def pair_chain_rates(pairs: list[dict], meta_by_id: dict[str, dict]) -> dict:
             continue
         n += 1
         for side in ("chosen", "rejected"):
-            c = check_chain(message_text(p[side]), meta["op"], meta["colors"], meta["cells"])
+            c = check_chain(message_text(p[side]), meta["op"], meta["colors"], meta["cells"], meta.get("factor"))
             rates[f"{side}_scanned"] += c["scanned"]
             rates[f"{side}_perceived"] += c["perceived"]
             rates[f"{side}_consistent"] += c["consistent"]

@@ -7,6 +7,7 @@ tiny default policy sees one cell) and a short question whose answer needs the i
     level 2  "How many red and blue shapes are there in total?<image>"                -> sum
              "How many more red shapes than blue shapes are there?<image>"            -> difference (never negative)
     level 3  "Multiply the number of red shapes by the number of green shapes.<image>" -> product
+    level 4  "Multiply the number of red shapes by 7.<image>"                          -> scale (factor 2..9)
     open     "Describe the image.<image>"  (no ground truth; answer None, kind "open")
 
 The `<image>` placeholder puts the image after the question (mpo_online.data.records.content_parts), right before the
@@ -96,7 +97,15 @@ def describe(counts: dict[str, int], colors: tuple[str, ...]) -> str:
 
 
 def _question(rng: random.Random, level: int, counts: dict[str, int], colors: tuple[str, ...]):
-    """-> (op, asked colours, question text without the image placeholder)."""
+    """-> (op, asked colours, question text without the image placeholder, factor (level 4) or None)."""
+    if level == 4:  # one colour read from the image (as level 1), then a times table fact the chain writes out
+        present = [c for c in colors if counts[c] > 0]  # as level 3: a zero count would make "0" a blind guess
+        a, k = rng.choice(present or list(colors)), rng.randint(2, 9)
+        return "scale", [a], f"Multiply the number of {a} shapes by {k}.", k
+    return (*_question_1_to_3(rng, level, counts, colors), None)
+
+
+def _question_1_to_3(rng: random.Random, level: int, counts: dict[str, int], colors: tuple[str, ...]):
     if level == 1:
         a = rng.choice(colors)
         return "count", [a], f"How many {a} shapes are there?"
@@ -118,9 +127,9 @@ def _check_args(grid, colors, max_count, levels, open_fraction):
     unknown = [c for c in colors if c not in COLORS]
     if unknown or len(set(colors)) != len(colors) or not colors:
         raise ValueError(f"colors must be distinct names from {list(COLORS)}, got {colors}")
-    if not levels or any(lv not in (1, 2, 3) for lv in levels):
-        raise ValueError(f"levels must be a non-empty subset of (1, 2, 3), got {levels}")
-    if len(colors) < 2 and any(lv > 1 for lv in levels):
+    if not levels or any(lv not in (1, 2, 3, 4) for lv in levels):
+        raise ValueError(f"levels must be a non-empty subset of (1, 2, 3, 4), got {levels}")
+    if len(colors) < 2 and any(lv in (2, 3) for lv in levels):
         raise ValueError("levels 2 and 3 ask about two colours: give at least two")
     if grid < 1 or max_count < 0 or not 0.0 <= open_fraction <= 1.0:
         raise ValueError(f"need grid >= 1, max_count >= 0, 0 <= open_fraction <= 1 (got {grid}, {max_count}, "
@@ -154,13 +163,15 @@ def iter_tasks(seed: int, *, grid: int = 4, colors: tuple[str, ...] = ("red", "g
             solution, glance = describe_solution(scan, colors), describe(counts, colors)
         else:
             level = rng.choice(levels)
-            op, asked, question = _question(rng, level, counts, colors)
-            solution, n = worked_solution(op, asked, scan)
-            answer, glance = str(n), glance_solution(op, asked, counts)
+            op, asked, question, factor = _question(rng, level, counts, colors)
+            solution, n = worked_solution(op, asked, scan, factor)
+            answer, glance = str(n), glance_solution(op, asked, counts, factor)
         # The image follows the question: the chain's scan lines then sit at a fixed distance from the image tokens.
         question += IMAGE_PLACEHOLDER
         meta = {"level": level, "op": op, "colors": asked, "counts": counts, "grid": grid, "cells": scan,
                 "glance": glance}
+        if op == "scale":  # only level 4 carries it: the other levels' task files stay byte-identical
+            meta["factor"] = factor
         yield {"id": f"{id_prefix}-{seed}-{i:06d}", "question": question, "images": [png], "answer": answer,
                "kind": "open" if answer is None else "qa", "solution": solution,
                "meta": json.dumps(meta, sort_keys=True)}
@@ -171,7 +182,8 @@ def generate_tasks(n: int, seed: int, *, grid: int = 4, colors: tuple[str, ...] 
                    id_prefix: str = "task", cell_px: int = 16) -> list[dict]:
     """`n` tasks as PROMPT_SCHEMA rows (+ solution, meta). Deterministic in all arguments; no global RNG is touched.
 
-    `levels` is the difficulty knob (1 count, 2 sum/difference, 3 product; each task picks one uniformly);
+    `levels` is the difficulty knob (1 count, 2 sum/difference, 3 product, 4 count times a factor; each task picks one
+    uniformly);
     `open_fraction` of tasks are the no-ground-truth "Describe the image." family.
     """
     return list(itertools.islice(iter_tasks(seed, grid=grid, colors=colors, max_count=max_count, levels=levels,
@@ -264,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-heldout", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--levels", default="1,2,3", help="comma-separated subset of 1,2,3")
+    ap.add_argument("--levels", default="1,2,3", help="comma-separated subset of 1,2,3,4")
     ap.add_argument("--open-fraction", type=float, default=0.15)
     args = ap.parse_args(argv)
     info = write_task_splits(args.out, args.n_train, args.n_heldout, args.seed, open_fraction=args.open_fraction,
