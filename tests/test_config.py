@@ -48,6 +48,16 @@ def test_tiny_default_fits_two_cores_and_uses_paper_mpo_weights():
     assert cfg.serving.device == "cpu" and cfg.resources.train_worker_gpus == 0
 
 
+def test_the_demo_is_mpo_with_the_paper_weights_on_level_4_tasks():
+    """scripts/demo.sh's config: the paper's objective, weights and β (issue 27 asks for MPO, not RFT), over
+    tiny_cpu.yaml, on its own task directory (a directory written with other levels is refused, not reused)."""
+    cfg = load_config(CONFIGS[[p.name for p in CONFIGS].index("demo.yaml")])
+    assert cfg.mpo.objective == "mpo" and (cfg.mpo.w_pref, cfg.mpo.w_quality, cfg.mpo.w_gen, cfg.mpo.beta) == \
+        (0.8, 0.2, 1.0, 0.1)
+    assert cfg.data.levels == [4] and cfg.data.dir != load_config(None).data.dir
+    assert "demo.yaml" in (CONFIGS[0].parents[2] / "scripts" / "demo.sh").read_text()
+
+
 def test_dotted_overrides_are_parsed_as_yaml():
     cfg = load_config(None, ["mpo.beta=0.2", "loop.rounds=3", "data.levels=[1, 2, 3]", "serving.admin_token=null"])
     assert cfg.mpo.beta == 0.2 and cfg.loop.rounds == 3 and cfg.data.levels == [1, 2, 3]

@@ -86,6 +86,10 @@ def test_render_into_replaces_only_the_text_between_the_markers(tmp_path):
     assert render_into(out, runs) == out  # rendering again changes nothing
     with pytest.raises(ValueError, match="results:begin"):
         render_into("no markers", runs)
+    # A named block has its own markers; the default block around it is left alone.
+    both = out + "<!-- results:demo:begin -->\nx\n<!-- results:demo:end -->\n"
+    demo = render_into(both, runs[:1], block="demo")
+    assert demo.startswith(out) and "--block demo " in demo and "| s0 (0) |" in demo and "\nx\n" not in demo
 
 
 def test_plot_draws_one_line_per_group(tmp_path):

@@ -195,14 +195,22 @@ def plot(runs: list[Path], out: Path) -> None:
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
-def render_into(text: str, runs: list[Path]) -> str:
-    """`text` (a README) with what lies between its BEGIN and END markers replaced by the over-seeds table of `runs`,
-    the command that rendered it, and the commits, dates and machines the runs were measured on."""
+def markers(block: str | None) -> tuple[str, str]:
+    """The marker lines of a named block ("<!-- results:demo:begin -->"); None: the default BEGIN, END."""
+    return (BEGIN, END) if not block else (f"<!-- results:{block}:begin -->", f"<!-- results:{block}:end -->")
+
+
+def render_into(text: str, runs: list[Path], block: str | None = None) -> str:
+    """`text` (a README) with what lies between its BEGIN and END markers (those of `block`, see markers) replaced by
+    the over-seeds table of `runs`, the command that rendered it, and the commits, dates and machines the runs were
+    measured on."""
+    BEGIN, END = markers(block)  # noqa: N806 (the module's names, for this block)
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
         raise ValueError(f"needs one {BEGIN} line and one {END} line after it")
     rows = [run_row(Path(r)) for r in runs]
     block = [BEGIN, *group_table(rows)[1:], "",
-             "Rendered by `python -m mpo_online.run.results --into README.md " + " ".join(str(r) for r in runs)
+             "Rendered by `python -m mpo_online.run.results --into README.md "
+             + (f"--block {block} " if block else "") + " ".join(str(r) for r in runs)
              + "`; each run's command: [docs/results.md](docs/results.md). Commits "
              + ", ".join(dict.fromkeys(f"`{x['commit']}`" for x in rows)) + "; "
              + ", ".join(dict.fromkeys(x["date"] for x in rows)) + "; " + "; ".join(dict.fromkeys(x["machine"]
@@ -217,6 +225,8 @@ def main(argv=None) -> None:
     p.add_argument("runs", nargs="+")
     p.add_argument("--title", default="Results")
     p.add_argument("--into", help="a file whose text between the results markers is replaced by the over-seeds table")
+    p.add_argument("--block", default=None, help="with --into: the named block's markers (<!-- results:NAME:begin "
+                   "-->) instead of the default ones")
     p.add_argument("--plot", help="a PNG of accuracy by round, one line per group of seeds")
     a = p.parse_args(argv)
     runs = [Path(r) for r in a.runs]
@@ -224,7 +234,7 @@ def main(argv=None) -> None:
         plot(runs, Path(a.plot))
     elif a.into:
         f = Path(a.into)
-        f.write_text(render_into(f.read_text(), runs))
+        f.write_text(render_into(f.read_text(), runs, a.block))
     else:
         sys.stdout.write(render(runs, a.title))
 
