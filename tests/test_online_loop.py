@@ -115,9 +115,9 @@ def _phase(run: Path, r: int) -> str | None:
 
 
 # what the loop's console prints (mpo_online/run/console.py, plain lines): the header, time-stamped phase / round /
-# status lines, the rounds table and the result paths
+# status lines, the rounds table, the result paths and the pointer to the learning curve
 CONSOLE_LINE = re.compile(r"(mpo-online: |\[ *\d+:\d\d(:\d\d)?\] |round +CoT %|\d+( \(warm start\))? +[-\d.]+ "
-                          r"|report |plot |logs |$)")
+                          r"|report |plot |logs |more |$)")
 
 
 def _assert_console_only(job_log: str, run: Path) -> None:

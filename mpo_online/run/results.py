@@ -208,7 +208,7 @@ def render_into(text: str, runs: list[Path], block: str | None = None) -> str:
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
         raise ValueError(f"needs one {BEGIN} line and one {END} line after it")
     rows = [run_row(Path(r)) for r in runs]
-    block = [BEGIN, *group_table(rows)[1:], "",
+    lines = [BEGIN, *group_table(rows)[1:], "",
              "Rendered by `python -m mpo_online.run.results --into README.md "
              + (f"--block {block} " if block else "") + " ".join(str(r) for r in runs)
              + "`; each run's command: [docs/results.md](docs/results.md). Commits "
@@ -217,7 +217,7 @@ def render_into(text: str, runs: list[Path], block: str | None = None) -> str:
                                                                                          for x in rows)) + ".",
              END]
     head, rest = text.split(BEGIN)
-    return head + "\n".join(block) + rest.split(END, 1)[1]
+    return head + "\n".join(lines) + rest.split(END, 1)[1]
 
 
 def main(argv=None) -> None:
