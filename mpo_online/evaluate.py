@@ -45,13 +45,13 @@ def chain_rates(rows: list[dict], texts: list[str], correct: list[bool]) -> dict
     and accuracy per task level. {} for other prompts."""
     import json
 
-    from mpo_online.synthetic.chains import check_chain
+    from mpo_online.synthetic.chains import check_task_chain
     checks, levels = [], {}
     for r, t, ok in zip(rows, texts, correct):
         meta = json.loads(r.get("meta") or "{}")
         if "cells" not in meta or meta.get("op") == "describe":
             continue
-        checks.append(check_chain(t, meta["op"], meta["colors"], meta["cells"], meta.get("factor")))
+        checks.append(check_task_chain(t, meta))
         levels.setdefault(str(meta.get("level")), []).append(ok)
     if not checks:
         return {}

@@ -204,20 +204,20 @@ def render_into(text: str, runs: list[Path], block: str | None = None) -> str:
     """`text` (a README) with what lies between its BEGIN and END markers (those of `block`, see markers) replaced by
     the over-seeds table of `runs`, the command that rendered it, and the commits, dates and machines the runs were
     measured on."""
-    BEGIN, END = markers(block)  # noqa: N806 (the module's names, for this block)
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"needs one {BEGIN} line and one {END} line after it")
+    begin, end = markers(block)
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"needs one {begin} line and one {end} line after it")
     rows = [run_row(Path(r)) for r in runs]
-    lines = [BEGIN, *group_table(rows)[1:], "",
+    lines = [begin, *group_table(rows)[1:], "",
              "Rendered by `python -m mpo_online.run.results --into README.md "
              + (f"--block {block} " if block else "") + " ".join(str(r) for r in runs)
              + "`; each run's command: [docs/results.md](docs/results.md). Commits "
              + ", ".join(dict.fromkeys(f"`{x['commit']}`" for x in rows)) + "; "
              + ", ".join(dict.fromkeys(x["date"] for x in rows)) + "; " + "; ".join(dict.fromkeys(x["machine"]
                                                                                          for x in rows)) + ".",
-             END]
-    head, rest = text.split(BEGIN)
-    return head + "\n".join(lines) + rest.split(END, 1)[1]
+             end]
+    head, rest = text.split(begin)
+    return head + "\n".join(lines) + rest.split(end, 1)[1]
 
 
 def main(argv=None) -> None:

@@ -52,6 +52,14 @@ def scan_line(cells: str, letter: str) -> tuple[str, int]:
     return f"{letter}: {''.join(out)} = {k}", k
 
 
+def _operands(op: str, counts: list[int], factor: int | None) -> tuple[int, int]:
+    """The arithmetic line's two numbers: the two counts, or (scale) the one count and the question's factor."""
+    return (counts[0], factor) if op == "scale" else (counts[0], counts[1])
+
+
+_APPLY = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+
+
 def worked_solution(op: str, colors: list[str], cells: str, factor: int | None = None) -> tuple[str, int]:
     """The careful chain for a question (op count/sum/diff/product over `colors`, or scale: one colour's count times
     the question's `factor`) and its answer."""
@@ -63,8 +71,8 @@ def worked_solution(op: str, colors: list[str], cells: str, factor: int | None =
     if op == "count":
         n = counts[0]
     else:
-        x, y = (counts[0], factor) if op == "scale" else counts
-        n = {"sum": x + y, "diff": x - y, "product": x * y, "scale": x * y}[op]
+        x, y = _operands(op, counts, factor)
+        n = _APPLY[OP_SYMBOL[op]](x, y)
         lines.append(f"{x} {OP_SYMBOL[op]} {y} = {n}")
     return "\n".join(lines + [f"Final answer: {n}"]), n
 
@@ -77,13 +85,12 @@ def describe_solution(cells: str, palette: tuple[str, ...]) -> str:
 def glance_solution(op: str, colors: list[str], counts: dict[str, int], factor: int | None = None) -> str:
     """A chain that states the counts at a glance ("I see 3 red and 2 blue. 3 + 2 = 5."), without scanning."""
     xs = [counts[c] for c in colors]
+    seen = "I see " + " and ".join(f"{x} {c}" for x, c in zip(xs, colors)) + "."
     if op == "count":
-        return f"I see {xs[0]} {colors[0]}.\nFinal answer: {xs[0]}"
-    if op == "scale":
-        return f"I see {xs[0]} {colors[0]}. {xs[0]} * {factor} = {xs[0] * factor}.\nFinal answer: {xs[0] * factor}"
-    n = {"sum": xs[0] + xs[1], "diff": xs[0] - xs[1], "product": xs[0] * xs[1]}[op]
-    return (f"I see {xs[0]} {colors[0]} and {xs[1]} {colors[1]}. {xs[0]} {OP_SYMBOL[op]} {xs[1]} = {n}.\n"
-            f"Final answer: {n}")
+        return f"{seen}\nFinal answer: {xs[0]}"
+    x, y = _operands(op, xs, factor)
+    n = _APPLY[OP_SYMBOL[op]](x, y)
+    return f"{seen} {x} {OP_SYMBOL[op]} {y} = {n}.\nFinal answer: {n}"
 
 
 def check_chain(text: str, op: str, colors: list[str], cells: str, factor: int | None = None) -> dict:
@@ -119,12 +126,16 @@ def check_chain(text: str, op: str, colors: list[str], cells: str, factor: int |
         if arith is None:
             return out
         x, sym, y, n = int(arith.group(1)), arith.group(2), int(arith.group(3)), int(arith.group(4))
-        second = factor if op == "scale" else counts[1]
-        ok &= (x, y, sym) == (counts[0], second, OP_SYMBOL[op]) and n == {"+": x + y, "-": x - y, "*": x * y}[sym]
+        ok &= (x, y) == _operands(op, counts, factor) and sym == OP_SYMBOL[op] and n == _APPLY[sym](x, y)
         result, rest = n, rest[1:]
     final = _FINAL.match(rest[0]) if rest else None
     out["consistent"] = bool(ok and final is not None and int(final.group(1)) == result)
     return out
+
+
+def check_task_chain(text: str, meta: dict) -> dict:
+    """check_chain against a grid task's parsed meta (its op, asked colours, cells and, for level 4, factor)."""
+    return check_chain(text, meta["op"], meta["colors"], meta["cells"], meta.get("factor"))
 
 
 def row_meta(row: dict) -> dict | None:
@@ -157,7 +168,7 @@ def chosen_checker(mode: str, meta: dict | None):
     needed = ("consistent",) if mode == "consistent" else ("consistent", "perceived")
 
     def chosen_ok(text: str) -> bool:
-        checked = check_chain(text, meta["op"], meta["colors"], meta["cells"], meta.get("factor"))
+        checked = check_task_chain(text, meta)
         return all(checked[k] for k in needed)
     return chosen_ok
 
@@ -177,7 +188,7 @@ def pair_chain_rates(pairs: list[dict], meta_by_id: dict[str, dict]) -> dict:
             continue
         n += 1
         for side in ("chosen", "rejected"):
-            c = check_chain(message_text(p[side]), meta["op"], meta["colors"], meta["cells"], meta.get("factor"))
+            c = check_task_chain(message_text(p[side]), meta)
             rates[f"{side}_scanned"] += c["scanned"]
             rates[f"{side}_perceived"] += c["perceived"]
             rates[f"{side}_consistent"] += c["consistent"]

@@ -102,25 +102,21 @@ def _question(rng: random.Random, level: int, counts: dict[str, int], colors: tu
         present = [c for c in colors if counts[c] > 0]  # as level 3: a zero count would make "0" a blind guess
         a, k = rng.choice(present or list(colors)), rng.randint(2, 9)
         return "scale", [a], f"Multiply the number of {a} shapes by {k}.", k
-    return (*_question_1_to_3(rng, level, counts, colors), None)
-
-
-def _question_1_to_3(rng: random.Random, level: int, counts: dict[str, int], colors: tuple[str, ...]):
     if level == 1:
         a = rng.choice(colors)
-        return "count", [a], f"How many {a} shapes are there?"
+        return "count", [a], f"How many {a} shapes are there?", None
     if level == 2:
         op = rng.choice(("sum", "diff"))
         a, b = rng.sample(colors, 2)
         if op == "diff" and counts[a] < counts[b]:
             a, b = b, a  # ask for the larger minus the smaller: answers stay non-negative integers
         if op == "sum":
-            return op, [a, b], f"How many {a} and {b} shapes are there in total?"
-        return op, [a, b], f"How many more {a} shapes than {b} shapes are there?"
+            return op, [a, b], f"How many {a} and {b} shapes are there in total?", None
+        return op, [a, b], f"How many more {a} shapes than {b} shapes are there?", None
     # Prefer colours that are present: with a zero factor a third of the time, "0" would be a strong blind guess.
     present = [c for c in colors if counts[c] > 0]
     a, b = rng.sample(present if len(present) >= 2 else list(colors), 2)
-    return "product", [a, b], f"Multiply the number of {a} shapes by the number of {b} shapes."
+    return "product", [a, b], f"Multiply the number of {a} shapes by the number of {b} shapes.", None
 
 
 def _check_args(grid, colors, max_count, levels, open_fraction):
