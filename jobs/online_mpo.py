@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 from mpo_online.config import load_config
 from mpo_online.data.records import RoundManifest
+from mpo_online.run.cluster import check_shared_paths
 from mpo_online.run.console import Console, train_progress_watcher
 from mpo_online.run.report import Reporter
 from mpo_online.run.state import RunDir, RunDirError, phase_at_least
@@ -76,6 +77,9 @@ def main(argv=None) -> int:
 
     console.phase(0, "ray")
     connect_ray(cfg.resources)
+    # a cluster's engines and training workers read and write the run directory and the base checkpoint at the
+    # driver's paths: a node that does not see them is one clear error now, not a stack trace minutes in
+    check_shared_paths(*shared_paths(cfg, run.root))
     console.ray_started()
     # the training worker group lives for the whole job: it starts in the background (Ray Train start-up, imports)
     # while the model and tasks are built, then runs the warm start and every round's update
@@ -260,6 +264,18 @@ def trainer_kwargs(cfg, seed: int) -> dict:
                 max_grad_norm=t.max_grad_norm, max_nonfinite_steps=t.max_nonfinite_steps,
                 logps_chunk_size=t.logps_chunk_size, max_length=t.max_length, group_by=t.group_by,
                 pref_span=mpo.pref_span, seed=seed)
+
+
+def shared_paths(cfg, run_root) -> tuple[dict, dict]:
+    """(directories written on other nodes, files read there) for mpo_online.run.cluster.check_shared_paths: the run
+    directory, and the base checkpoint (its config.json; the directory it will be built or imported into)."""
+    from pathlib import Path
+    dirs, files, model = {"loop.run_dir": run_root}, {}, Path(cfg.model.path)
+    if (model / "config.json").exists():
+        files["model.path"] = model / "config.json"
+    elif cfg.model.init_if_missing or cfg.model.source:
+        dirs["model.path"] = model.parent
+    return dirs, files
 
 
 def session_kwargs(cfg) -> dict:

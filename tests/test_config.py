@@ -210,3 +210,18 @@ def test_round_train_metrics_sum_the_calls_of_a_round():
     assert (merged["steps"], merged["pairs"], merged["train_seconds"], merged["loss"]) == (40, 60, 8.0, 0.7)
     assert merged["calls"] == {"mpo": mpo, "rft": rft}
     assert recipe.round_train_metrics({"rft": rft}) == rft
+
+
+def test_the_recipe_checks_the_run_dir_and_the_base_checkpoint_on_every_node(tmp_path):
+    """shared_paths (what mpo_online.run.cluster.check_shared_paths gets): the model's config.json once the model
+    exists, its parent directory before the job builds it there, and nothing for a checkpoint the job neither has
+    nor builds (engines and workers load it by name)."""
+    recipe, run = _recipe(), tmp_path / "run"
+    model = tmp_path / "artifacts" / "tiny_vlm"
+    cfg = load_config(None, [f"model.path={model}"])
+    assert recipe.shared_paths(cfg, run) == ({"loop.run_dir": run, "model.path": model.parent}, {})
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    assert recipe.shared_paths(cfg, run) == ({"loop.run_dir": run}, {"model.path": model / "config.json"})
+    hub = load_config(None, ["model.path=org/some-vlm", "model.init_if_missing=false"])
+    assert recipe.shared_paths(hub, run) == ({"loop.run_dir": run}, {})
