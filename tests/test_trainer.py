@@ -411,6 +411,34 @@ def test_session_redo_is_exact_and_failures_close_it(session_runs):
 
 
 @pytest.mark.slow
+def test_a_worker_killed_inside_a_session_call_fails_it_cleanly_and_a_new_session_redoes_it(ray4, models, pairs_file,
+                                                                                           session_runs, tmp_path):
+    """A training worker SIGKILLed inside a call (after step 1 of 3, its peer about to enter step 2's collectives):
+    the call raises instead of hanging, the session is closed and no partial policy is left; a new session (what the
+    rerun of a failed job starts) redoes the call to the same steps and weights as the session's uninterrupted one."""
+    from mpo_online.trainer.session import TrainerSession
+    kw = {k: v for k, v in COMMON.items() if k not in ("num_workers", "worker_cpus")}
+    call = dict(policy_dir=models["vlm"], out_dir=tmp_path / "p1", delta_state=CARRIED, seed=1, **kw)
+    s = TrainerSession.start(num_workers=2, worker_cpus=1.0, storage_dir=tmp_path / "storage")
+    try:
+        with pytest.raises(RuntimeError, match="Ray Train run ended|failed on a worker"):
+            s.train(pairs_file, _fail_after_step=1, **call)
+        assert s.closed
+    finally:
+        s.close()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".p1") or p == "p1"]
+    s = TrainerSession.start(num_workers=2, worker_cpus=1.0, storage_dir=tmp_path / "storage")
+    try:
+        redo = s.train(pairs_file, **call)
+    finally:
+        s.close()
+    r1 = session_runs["r1"]
+    assert redo.history == [{**h, "seconds": redo.history[i]["seconds"]} for i, h in enumerate(r1.history)]
+    w1, wr = _weights(r1.policy_dir), _weights(redo.policy_dir)
+    assert all(bool((w1[k] == wr[k]).all()) for k in w1)
+
+
+@pytest.mark.slow
 def test_zero3_resume_keeps_delta_and_matches_zero0(ray4, models, pairs_file, zero0_run, tmp_path):
     from mpo_online.trainer import train_policy
     out, storage = tmp_path / "policy", tmp_path / "ray_train"

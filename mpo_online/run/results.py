@@ -70,9 +70,9 @@ def _mean_se(xs: list[float]) -> str:
 
 
 def _group_key(cfg: dict) -> str:
-    """The config without what seeds a run, where it is written and how many rounds it was asked for. Fields added
-    to the config since a run was made take their defaults (what the run had in effect); a config the current code
-    refuses is compared as written."""
+    """The config without what seeds a run, where it is written, how many rounds it was asked for and what its
+    objective ignores (`sft.mixed_repeats` applies to RFT only). Fields added to the config since a run was made take
+    their defaults (what the run had in effect); a config the current code refuses is compared as written."""
     from mpo_online.config import RunConfig
 
     try:
@@ -80,7 +80,10 @@ def _group_key(cfg: dict) -> str:
     except ValueError:
         pass
     rest = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
-    for section, key in (("rollout", "seed"), ("trainer", "seed"), ("loop", "run_dir"), ("loop", "rounds")):
+    ignored = [("rollout", "seed"), ("trainer", "seed"), ("loop", "run_dir"), ("loop", "rounds")]
+    if rest.get("mpo", {}).get("objective") != "rft":
+        ignored.append(("sft", "mixed_repeats"))
+    for section, key in ignored:
         rest.get(section, {}).pop(key, None)
     return json.dumps(rest, sort_keys=True, default=str)
 

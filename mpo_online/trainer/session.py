@@ -144,7 +144,7 @@ class TrainerSession:
     def train(self, dataset, *, policy_dir, out_dir, ref_dir=None, objective: str = "mpo", weights=None,
               beta: float = 0.1, delta_state: dict | None = None, run_name: str | None = None, progress_file=None,
               engine_reference: bool = False, shuffle: bool = True, group_by: str = "length",
-              _nan_on_micro_batches=(), **hyper) -> TrainResult:
+              _nan_on_micro_batches=(), _fail_after_step: int | None = None, **hyper) -> TrainResult:
         """One training call on the live workers; arguments and result as mpo_online.trainer.train_policy's.
 
         dataset: a parquet file in the pair schema. engine_reference: the reference is the policy that sampled the
@@ -153,7 +153,8 @@ class TrainerSession:
         shuffle, with the rows of a micro-batch tick grouped by `group_by` (length | images | none;
         mpo_online.trainer.ordering); False: the file's order, one contiguous shard per worker.
         hyper: lr, weight_decay, warmup_ratio, epochs, micro_batch_size, global_batch_size, zero_stage, precision,
-        max_grad_norm, max_nonfinite_steps, logps_chunk_size, max_length, delta_mode, delta_ema_decay, seed."""
+        max_grad_norm, max_nonfinite_steps, logps_chunk_size, max_length, delta_mode, delta_ema_decay, seed.
+        Test hooks: `_nan_on_micro_batches`; `_fail_after_step`: the last worker is SIGKILLed after that step."""
         import pyarrow.parquet as pq
         import ray
 
@@ -185,7 +186,7 @@ class TrainerSession:
             delta_state=delta_state, num_workers=self.num_workers, worker_cpus=self.worker_cpus,
             progress_file=str(Path(progress_file).resolve()) if progress_file else None,   # workers' cwd differs
             hyper=hyper, checkpoint_every=0, engine_reference=engine_reference,
-            nan_on_micro_batches=tuple(_nan_on_micro_batches))
+            nan_on_micro_batches=tuple(_nan_on_micro_batches), fail_after_step=_fail_after_step)
         export = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
         prep_seconds = time.time() - t0
 

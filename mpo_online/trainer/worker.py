@@ -373,12 +373,12 @@ def train_worker(*, policy_dir, ref_dir, objective, weights, beta, delta_state, 
                 t0 = time.time()
                 checkpoint_and_report({"step": state["step"], "delta": baseline.value}, final=False)
                 ckpt_seconds += time.time() - t0
-                if fail_after_step is not None and start_step < fail_after_step == state["step"] and rank == world - 1:
-                    # test hook: the last worker process dies (SIGKILL, no Python exception, no answer) with its
-                    # peers about to enter the next step's collectives
-                    import signal
-                    os.kill(os.getpid(), signal.SIGKILL)
                 win_t0 = time.time()
+            if fail_after_step is not None and start_step < fail_after_step == state["step"] and rank == world - 1:
+                # test hook: the last worker process dies (SIGKILL, no Python exception, no answer) after this step
+                # (and its checkpoint, if one is due), with its peers about to enter the next step's collectives
+                import signal
+                os.kill(os.getpid(), signal.SIGKILL)
             stopped = _loss_below(state["history"], stop_loss, stop_window)
             if state["step"] >= total_steps or stopped:
                 break
