@@ -1,7 +1,7 @@
 """What a multi-node cluster must share with the driver, checked before the loop starts.
 
     from mpo_online.run.cluster import check_shared_paths
-    check_shared_paths({"loop.run_dir": "runs/x", "model.path": "artifacts/tiny_vlm"})   # after ray.init
+    check_shared_paths({"loop.run_dir": "runs/x"}, {"model.path": "artifacts/tiny_vlm/config.json"})  # after ray.init
 
 The loop passes paths, not bytes, between its processes: training workers read the policy and write the next one into
 `<run_dir>/policies/`, and engine replicas load the checkpoint they start on and each published version from there.
@@ -17,6 +17,7 @@ Shipping the run directory's files through the object store instead (no shared s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
@@ -26,12 +27,11 @@ MARKER = ".mpo-online-shared-check"
 
 
 class SharedStorageError(RuntimeError):
-    """A node of the cluster cannot see a directory the loop shares between nodes."""
+    """A node of the cluster does not see a directory or file the loop shares between nodes."""
 
 
 def _digest(path: str) -> tuple[str, str | None]:
     """(this node's hostname, sha256 of the file at `path` here, or None when it cannot be read here)."""
-    import hashlib
     try:
         return socket.gethostname(), hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
@@ -46,8 +46,6 @@ def check_shared_paths(run_dirs: dict[str, str | Path], files: dict[str, str | P
     token into it and deletes it after). files: {config key: a file that exists here} (e.g. the base checkpoint's
     config.json), compared by content. Nodes that are not alive are skipped, and so is the driver's own node.
     Returns the ids of the nodes checked (empty on a one-node cluster)."""
-    import hashlib
-
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
