@@ -565,7 +565,7 @@ def test_hammer_through_swaps_sees_only_whole_versions(server):
 
 @pytest.mark.slow
 def test_a_replica_killed_mid_call_loses_no_request(server):
-    """One of the two replicas is killed (ray.kill, as a crash would) while a call of 8 chunks is in flight: the
+    """One of the two replicas is killed (ray.kill, as a crash would) while a call of 8 chunks is in flight on it: the
     client sends the dead replica's chunks again, so every request is answered once, with the samples an undisturbed
     call gives (seeded requests); Serve starts a replacement, which serves the current version. Last in the module:
     it waits for the replacement, so later tests would see two replicas again anyway."""
@@ -584,13 +584,21 @@ def test_a_replica_killed_mid_call_loses_no_request(server):
         except Exception as exc:  # reaches the assertion below instead of ending the thread silently
             errors.append(repr(exc))
 
-    t = threading.Thread(target=call)
-    t.start()
-    time.sleep(0.5)
     victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["name"].startswith("SERVE_REPLICA::") and "PolicyServer" in a["name"])
-    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
-    t.join(300)
+    # Paused, the call's chunks reach both replicas and wait at admission, so the kill cannot come after the
+    # victim's share is done (a sleep-then-kill lost that race on a fast machine). Un-pausing without waiting and
+    # killing right after lands the kill while the victim's chunks wait or generate: in flight either way.
+    server.client.pause()
+    t = threading.Thread(target=call)
+    t.start()
+    try:
+        time.sleep(2.0)
+        ray.get(server.client.registry.set_paused.remote(False))
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        t.join(300)
+    finally:  # un-paused whatever happened (not `resume()`: it would wait for the dead replica's report to age out)
+        ray.get(server.client.registry.set_paused.remote(False))
     assert errors == [] and not t.is_alive()
     assert server.client.retried > retried  # the kill did hit calls in flight, and they were sent again
 
