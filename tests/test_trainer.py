@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -348,7 +349,7 @@ def test_exported_policy_loads_and_generates(zero0_run, rows):
 def session_runs(ray4, models, pairs_file, tmp_path_factory):
     """One TrainerSession (a worker group for the whole run), its calls, closed before the next tests: round 1 from
     the initial policy with a carried delta; round 2 from round 1's policy and delta; round 1 again into a fresh
-    directory (what a resumed job does after a kill); one stopped on its loss; ZeRO stages 0-2 and a text-only SFT
+    directory (what a resumed job does after a kill); one stopped on its loss; ZeRO stages 0-3 and a text-only SFT
     (for the slow tests); last, a call whose every micro-batch is non-finite (fails)."""
     from mpo_online.trainer.session import TrainerSession
     root = tmp_path_factory.mktemp("session")
@@ -363,11 +364,11 @@ def session_runs(ray4, models, pairs_file, tmp_path_factory):
         # any loss is below 100: the call ends after its first optimizer step (of 3)
         stopped = s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / "p_stop", seed=1, stop_loss=100.0,
                           stop_window=1, **kw)
-        # ZeRO-0, -1 and -2 on the ZeRO-0 run's data (NaN micro-batch included), and SFT of the text-only model:
+        # ZeRO-0 to -3 on the ZeRO-0 run's data (NaN micro-batch included), and SFT of the text-only model:
         # the slow tests below compare them (here, they cost no Ray Train start-up of their own)
         stages = {stage: s.train(pairs_file, policy_dir=models["vlm"], out_dir=root / f"zero{stage}",
                                  objective="mpo", zero_stage=stage, delta_state=CARRIED, _nan_on_micro_batches=(1,),
-                                 **kw) for stage in (0, 1, 2)}
+                                 **kw) for stage in (0, 1, 2, 3)}
         stages["sft"] = s.train(pairs_file, policy_dir=models["txt"], out_dir=root / "sft", objective="sft",
                                 epochs=2, **kw)
         with pytest.raises(RuntimeError, match="non-finite"):
@@ -466,12 +467,12 @@ def test_zero3_resume_keeps_delta_and_matches_zero0(ray4, models, pairs_file, ze
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero1_and_zero2_train_like_zero0_and_export_loadable_weights(session_runs, models, stage):
-    """ZeRO-1/2 (optimizer states, and gradients, partitioned over the 2 workers) against ZeRO-0 on the same data
-    in the same session: the same steps and losses, and an export that loads in transformers with ZeRO-0's weights
-    up to float reduction order. Stages 0-2 export through the same code (rank 0 saves its full module), the one the
-    loop's rounds load into vLLM every round."""
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_train_like_zero0_and_export_loadable_weights(session_runs, models, stage):
+    """ZeRO-1/2/3 (optimizer states, gradients, and at 3 the parameters, partitioned over the 2 workers) against
+    ZeRO-0 on the same data in the same session: the same steps and losses, and an export in ZeRO-0's files, keys,
+    shapes and dtypes (the export vLLM loads every round) that transformers loads, with ZeRO-0's weights up to float
+    reduction order. Stages 0-2 save rank 0's full module; ZeRO-3 consolidates the partitioned weights on rank 0."""
     from mpo_online.trainer.logps import load_model
     r, r0 = session_runs["stages"][stage], session_runs["stages"][0]
     assert r.metrics["zero_stage"] == stage and r.metrics["steps"] == 2 and r.metrics["skipped_nonfinite"] == 1
@@ -481,7 +482,10 @@ def test_zero1_and_zero2_train_like_zero0_and_export_loadable_weights(session_ru
             assert h[k] == pytest.approx(h0[k], rel=1e-4, abs=1e-6), (stage, k)
     z0, zs = _weights(r0.policy_dir), _weights(r.policy_dir)
     start = _weights(models["vlm"])
-    assert set(zs) == set(z0)
+    assert set(os.listdir(r.policy_dir)) == set(os.listdir(r0.policy_dir))
+    configs = [json.loads(Path(d, "config.json").read_text()) for d in (r.policy_dir, r0.policy_dir)]
+    assert configs[0] == configs[1]
+    assert {k: (v.shape, v.dtype) for k, v in zs.items()} == {k: (v.shape, v.dtype) for k, v in z0.items()}
     for k in z0:
         assert (zs[k] - z0[k]).abs().max() <= 1e-5 * max(1.0, float(z0[k].abs().max())), (stage, k)
     assert any(not (zs[k] == start[k]).all() for k in zs)  # and the steps did move the weights
