@@ -6,7 +6,8 @@ bigram chain. After "Assistant: " it writes "Hm\\n\\boxed{D}" with D a random di
 then <end_of_utterance>. Level-1 counting tasks have answers 0-5, so a prompt's 8 samples usually mix right and
 wrong answers (correctness pairs), some answers contain others ("3" in "31": the substring skip), identical texts
 recur (the duplicate rule), and "Describe the image." prompts get Dropout-NTP pairs whose prefix is "Hm".
-The app is deployed once for the module (~30 s); the module runs in about two minutes.
+The app is deployed once for the module (~30 s); the module runs in about two minutes, of which ~35 s are the
+replacement replica's start after the kill test's crash.
 """
 
 import hashlib
@@ -201,10 +202,35 @@ def test_parquet_loads_with_datasets_and_pyarrow(first):
     assert row["images"][0].size == (64, 64)  # decoded as an HF Image feature
 
 
-def test_rerun_same_seed_gives_same_pairs(env, first):
+@pytest.mark.slow
+def test_rerun_same_seed_gives_same_pairs_even_when_the_replica_dies(env, first):
+    """The round again with the same seed, and the app's only replica killed (ray.kill, as a crash would) when the
+    first prompts reach the driver: the calls in flight on it fail over to the replica Serve starts in its place (the
+    client resends a call whose replica died), and the round ends with the very rollouts and pairs of the first one
+    (seeded samples): none lost, none doubled. The replacement serves the published version. Another seed gives other
+    pairs."""
+    import ray
+
+    from serving.client import running_replicas
     stats, rdir = first
-    again = _round(env, env["tmp"] / "run_b")
+    client = env["client"]
+    victims = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith(f"SERVE_REPLICA::{APP}#PolicyServer")]
+    assert len(victims) == 1
+    at_kill = []
+
+    def kill_once(done, total, n_pairs):
+        if not at_kill:
+            at_kill.append((done, total))
+            ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
+
+    again = _round(env, env["tmp"] / "run_b", progress=kill_once)
+    assert at_kill and at_kill[0][0] < at_kill[0][1]  # most of the round was still to be sampled
     digest = hashlib.sha256((rdir / "pairs.parquet").read_bytes()).hexdigest()
     assert again.files["pairs.parquet"] == stats.files["pairs.parquet"] == digest
+    assert again.files["rollouts.parquet"] == stats.files["rollouts.parquet"]
+    assert running_replicas(client.app_name, client.deployment_name) == 1
+    versions = client.replica_versions()
+    assert victims[0]["name"].split("#")[-1] not in versions and set(versions.values()) == {client.current_version()}
     other = _round(env, env["tmp"] / "run_c", seed=6)
     assert other.files["pairs.parquet"] != digest
