@@ -496,6 +496,54 @@ def test_zero_stages_train_like_zero0_and_export_loadable_weights(session_runs, 
 
 
 @pytest.mark.slow
+def test_every_zero_stages_export_generates_in_vllm_as_in_the_trainers_model(session_runs, models, rows, tmp_path):
+    """vLLM loads the export of every ZeRO stage: an engine starts on ZeRO-3's (vLLM's own loader), then ZeRO-0/1/2's
+    and the untrained model's are swapped in through the loop's swap path (tests/vllm_greedy.py). On a fixed image
+    prompt, each one's 8 greedy tokens are the trainer model's argmax at every position (teacher-forced in
+    transformers) and their engine log-probs match the trainer's within 1e-3. The untrained model is there to show
+    the swaps take effect: its log-probs differ from the trained ones'."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoProcessor
+
+    from mpo_online.trainer.batching import decode_images
+    from mpo_online.trainer.logps import load_model
+    dirs = {f"zero{s}": str(session_runs["stages"][s].policy_dir) for s in (3, 0, 1, 2)} | {"untrained": models["vlm"]}
+    proc = AutoProcessor.from_pretrained(dirs["zero0"])
+    text = proc.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
+    image = decode_images(rows[0]["images"])[0]
+    image.save(tmp_path / "image.png")
+    (tmp_path / "spec.json").write_text(json.dumps({"text": text, "image": str(tmp_path / "image.png"),
+                                                    "max_tokens": 8}))
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(root / "tests" / "vllm_greedy.py"), str(tmp_path / "spec.json"),
+                           str(tmp_path / "engine.json"), *dirs.values()],
+                          capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    engine = json.loads((tmp_path / "engine.json").read_text())
+    enc = proc(text=[text], images=[[image]], return_tensors="pt")
+    scored = {}
+    for name, d in dirs.items():
+        e = engine[d]
+        assert e["prompt_ids"] == enc["input_ids"][0].tolist(), name  # the same prompt, image tokens included
+        ids = torch.tensor([e["prompt_ids"] + e["ids"]])
+        with torch.no_grad():
+            logits = load_model(d)(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc["pixel_values"],
+                                   pixel_attention_mask=enc.get("pixel_attention_mask")).logits[0].float()
+        n = len(e["prompt_ids"])
+        logps = torch.log_softmax(logits[n - 1:-1], dim=-1)                  # (8, V): position t predicts token t
+        assert logps.argmax(-1).tolist() == e["ids"], name                   # greedy in vLLM = greedy in transformers
+        trainer = logps.gather(-1, torch.tensor(e["ids"])[:, None])[:, 0]
+        gap = float((trainer - torch.tensor(e["logprobs"])).abs().max())
+        assert gap < 1e-3, (name, gap)
+        scored[name] = trainer
+    assert float((scored["untrained"] - scored["zero0"]).abs().max()) > 1e-2
+
+
+@pytest.mark.slow
 def test_sft_reduces_nll_text_only(session_runs, models):
     import torch
 
