@@ -518,7 +518,7 @@ def test_every_zero_stages_export_generates_in_vllm_as_in_the_trainers_model(ses
     (tmp_path / "spec.json").write_text(json.dumps({"text": text, "image": str(tmp_path / "image.png"),
                                                     "max_tokens": 8}))
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run([sys.executable, str(root / "tests" / "vllm_greedy.py"), str(tmp_path / "spec.json"),
                            str(tmp_path / "engine.json"), *dirs.values()],
                           capture_output=True, text=True, timeout=300, cwd=root, env=env)

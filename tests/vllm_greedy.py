@@ -5,8 +5,8 @@
 SPEC_JSON: {"text": the chat-templated prompt, "image": a PNG path, "max_tokens": n}. The engine starts on the first
 directory (vLLM's own loader reads that export) and each later one is swapped in through the loop's swap path, the
 worker extension's `mpo_reload_from_path`, with the prefix, multimodal and encoder caches reset after each swap as
-the serving replicas do. Per directory it prints {"prompt_ids", "ids", "logprobs"}: `max_tokens` greedy tokens (EOS
-ignored, so every directory yields the same number) and the engine's log-prob of each.
+the serving replicas do. OUT_JSON gets, per directory, {"prompt_ids", "ids", "logprobs"}: `max_tokens` greedy tokens
+(EOS ignored, so every directory yields the same number) and the engine's log-prob of each.
 
 A separate process because an in-process engine spawns its core process, which re-imports `__main__` (pytest's).
 """
