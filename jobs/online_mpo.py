@@ -78,8 +78,11 @@ def main(argv=None) -> int:
     console.phase(0, "ray")
     connect_ray(cfg.resources)
     # a cluster's engines and training workers read and write the run directory and the base checkpoint at the
-    # driver's paths: a node that does not see them is one clear error now, not a stack trace minutes in
-    check_shared_paths(*shared_paths(cfg, run.root))
+    # driver's paths: a node that does not see them is one clear error now, not a stack trace minutes in. Without
+    # shared storage (resources.shared_storage: false) they get what they need through the object store instead
+    ship = not cfg.resources.shared_storage
+    if not ship:
+        check_shared_paths(*shared_paths(cfg, run.root))
     console.ray_started()
     # the training worker group lives for the whole job: it starts in the background (Ray Train start-up, imports)
     # while the model and tasks are built, then runs the warm start and every round's update
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
                                  **serving_kwargs(cfg.serving, cfg.resources))
     swapped = [r for r in range(1, cfg.loop.rounds + 1) if phase_at_least(run.manifest(r), "swapped")]
     if swapped:  # resuming: serve the newest policy that had been swapped in, through the same publish protocol
-        client.publish(max(swapped), str(run.policy_dir(max(swapped))))
+        publish_policy(client, max(swapped), run.policy_dir(max(swapped)), ship)
     console.done(f"{cfg.serving.replicas} replica(s) serving policy v{max(swapped, default=0)}"
                  + (" (reused: an earlier session left the app running)" if client.reused else ""))
 
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
         if not phase_at_least(m, "swapped"):
             console.phase(r, "swap")
             t = time.time()
-            swap = client.publish(r, str(run.policy_dir(r)))
+            swap = publish_policy(client, r, run.policy_dir(r), ship)
             fault_point(r, "swap")
             run.advance(m, "swapped", swap=time.time() - t)
             console.done(f"policy v{r} live on {len(swap['replicas'])} replica(s)")
@@ -243,6 +246,23 @@ def fault_point(r: int, phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def publish_policy(client, version: int, policy_dir, ship: bool, timeout_s: float = 300.0) -> dict:
+    """Every replica serves `version`: published as its directory, or without shared storage as its safetensors
+    bytes. Bytes cannot be compared with what a killed driver already published, so a version the app's registry
+    already carries is not published again; this waits until every replica serves it."""
+    if not ship:
+        return client.publish(version, str(policy_dir))
+    if client.current_version() < version:
+        from mpo_online.run.shipping import weights_bytes
+        return client.publish(version, weights_bytes=weights_bytes(policy_dir), timeout_s=timeout_s)
+    deadline = time.time() + timeout_s
+    while not (versions := client.replica_versions()) or any(v != version for v in versions.values()):
+        if time.time() > deadline:
+            raise TimeoutError(f"version {version} not live on every replica after {timeout_s:.0f} s: {versions}")
+        time.sleep(0.5)
+    return {"version": version, "seconds": 0.0, "replicas": versions}
+
+
 EVAL_CHUNKS = 8  # held-out requests go out in this many concurrent calls, so the console can count finished ones
 
 
@@ -280,7 +300,8 @@ def shared_paths(cfg, run_root) -> tuple[dict, dict]:
 
 def session_kwargs(cfg) -> dict:
     res = cfg.resources
-    return dict(num_workers=res.train_workers, worker_cpus=res.train_worker_cpus, worker_gpus=res.train_worker_gpus)
+    return dict(num_workers=res.train_workers, worker_cpus=res.train_worker_cpus, worker_gpus=res.train_worker_gpus,
+                worker_resources=res.train_worker_resources, ship_files=not res.shared_storage)
 
 
 class TrainCall(NamedTuple):

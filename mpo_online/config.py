@@ -229,6 +229,13 @@ class ResourcesConfig(_Section):
     train_worker_cpus: float = Field(1.0, ge=0.0)
     train_worker_gpus: float = Field(0.0, ge=0.0)
     data_cpus: float = Field(0.25, ge=0.0)  # per Ray Data task (verify, pair building)
+    # custom Ray resources each engine replica / training worker also asks for: pins them to the nodes that offer
+    # them (`ray start --resources='{"engine": 4}'`), e.g. {"engine": 1}
+    serve_replica_resources: dict[str, float] = {}
+    train_worker_resources: dict[str, float] = {}
+    # True: every node sees the run directory and the base checkpoint at the driver's paths (checked at start).
+    # False: nothing is assumed shared; checkpoints travel through the object store (mpo_online/run/shipping.py)
+    shared_storage: bool = True
 
 
 class RunConfig(_Section):
@@ -267,6 +274,8 @@ class RunConfig(_Section):
         data["loop"].pop("keep_serving", None)  # serving after the last round does not change the run
         data["loop"].pop("rounds", None)  # extending a run with more rounds is allowed
         data["loop"].pop("run_dir", None)  # a run directory may be moved or copied
+        for key in ("serve_replica_resources", "train_worker_resources", "shared_storage"):
+            data["resources"].pop(key)  # where the parts run, and how files reach them, do not change the result
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

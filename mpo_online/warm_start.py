@@ -191,7 +191,8 @@ def _train_warm_start(cfg, run, *, base: Path, data: Path, out: Path, session) -
     own = session is None
     if own:
         session = TrainerSession.start(num_workers=res.train_workers, worker_cpus=res.train_worker_cpus,
-                                       worker_gpus=res.train_worker_gpus,
+                                       worker_gpus=res.train_worker_gpus, worker_resources=res.train_worker_resources,
+                                       ship_files=not res.shared_storage,
                                        storage_dir=str(run.root / "warm_start_train"))
     try:
         for name, examples, src, dst, lr, stop in stages:

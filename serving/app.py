@@ -43,7 +43,9 @@ def serving_kwargs(serving, resources=None) -> dict[str, Any]:
               max_image_bytes=serving.max_image_bytes, max_prompt_chars=serving.max_prompt_chars,
               cpu_cores_per_replica=serving.cpu_cores_per_replica)
     if resources is not None:
-        kw.update(replica_cpus=resources.serve_replica_cpus, replica_gpus=resources.serve_replica_gpus)
+        kw.update(replica_cpus=resources.serve_replica_cpus, replica_gpus=resources.serve_replica_gpus,
+                  replica_resources=dict(resources.serve_replica_resources),
+                  ship_files=not resources.shared_storage)
     return kw
 
 
@@ -52,8 +54,11 @@ def policy_llm_config(model_path: str | Path, *, model_id: str = "policy", repli
                       enforce_eager: bool = True, tensor_parallel_size: int = 1, device: str = "cpu",
                       gpu_memory_utilization: float = 0.85, dtype: str = "auto", replica_cpus: float = 1.0,
                       replica_gpus: float = 0.0, max_num_batched_tokens: int = 4096,
-                      engine_kwargs: dict | None = None):
-    """The ray.serve.llm LLMConfig for the policy deployment (PolicyServer, worker extension, CPU or GPU)."""
+                      engine_kwargs: dict | None = None, replica_resources: dict | None = None,
+                      boot_registry: str | None = None):
+    """The ray.serve.llm LLMConfig for the policy deployment (PolicyServer, worker extension, CPU or GPU).
+    `replica_resources`: custom Ray resources in each replica's bundle (pins replicas to the nodes offering them);
+    `boot_registry`: the registry a replica fetches `model_path` from when its node does not have it."""
     from ray.serve.llm import LLMConfig
 
     from serving.server import LocalModelCallback, PolicyServer
@@ -85,6 +90,7 @@ def policy_llm_config(model_path: str | Path, *, model_id: str = "policy", repli
     else:
         bundle = {"CPU": replica_cpus}
         accelerator = {"kind": "cpu"}
+    bundle.update(replica_resources or {})
     kwargs.update(engine_kwargs or {})
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": source},
@@ -97,15 +103,19 @@ def policy_llm_config(model_path: str | Path, *, model_id: str = "policy", repli
         runtime_env={"env_vars": env},
         server_cls=PolicyServer,
         log_engine_metrics=False,
-        **({"callback_config": {"callback_class": LocalModelCallback}} if local else {}),
+        **({"callback_config": {"callback_class": LocalModelCallback,
+                                "callback_kwargs": {"boot_registry": boot_registry}}} if local else {}),
     )
 
 
 def build_policy_app(model_path: str | Path, *, model_id: str = "policy", replicas: int = 1,
                      app_name: str = DEFAULT_APP, admin_token: str | None = None, max_image_bytes: int = 4_000_000,
                      max_prompt_chars: int = 8_000, max_n: int = 64, cpu_cores_per_replica: int | None = None,
-                     served_from: dict | None = None, **engine_options):
+                     served_from: dict | None = None, ship_files: bool = False, **engine_options):
     """The Serve application (ingress + PolicyServer replicas); `engine_options` go to `policy_llm_config`.
+
+    `ship_files`: replicas may run on nodes without the driver's files; they fetch `model_path` from the app's
+    registry (start_policy_server puts it there), and versions must be published as bytes.
 
     `served_from`: what `/v1/models` says about the served checkpoint (its run and policy version, dtype).
 
@@ -119,10 +129,11 @@ def build_policy_app(model_path: str | Path, *, model_id: str = "policy", replic
 
     from serving.ingress import PolicyIngress, endpoint_map
 
-    llm_config = policy_llm_config(model_path, model_id=model_id, replicas=replicas, **engine_options)
+    registry = registry_name_for(app_name)
+    llm_config = policy_llm_config(model_path, model_id=model_id, replicas=replicas,
+                                   boot_registry=registry if ship_files else None, **engine_options)
     limits = {"max_prompt_chars": max_prompt_chars, "max_image_bytes": max_image_bytes,
               "max_model_len": llm_config.engine_kwargs["max_model_len"], "max_n": max_n}
-    registry = registry_name_for(app_name)
     server = build_llm_deployment(llm_config, name_prefix="PolicyServer:",
                                   bind_kwargs={"registry_name": registry, "limits": limits,
                                                "cpu_cores_per_replica": cpu_cores_per_replica})
@@ -174,6 +185,9 @@ def start_policy_server(model_path: str | Path, *, app_name: str = DEFAULT_APP, 
         client.reused = True  # (a resumed job: ~50 s of engine start saved per replica start-up)
         return client
     ray.get(registry.status.remote())  # before the replicas look for it
+    if app_options.get("ship_files"):  # replicas on nodes without our files boot from these bytes
+        from mpo_online.run.shipping import pack_dir
+        ray.get(registry.set_boot_files.remote([ray.put(pack_dir(model_path))]))
     serve.run(build_policy_app(model_path, model_id=model_id, app_name=app_name, **app_options), name=app_name,
               route_prefix=route_prefix, blocking=False)
     ray.get(registry.set_app_key.remote(key))

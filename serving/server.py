@@ -241,7 +241,8 @@ class PolicyServer(LLMServer):
 
 
 class LocalModelCallback(CallbackBase):
-    """Skip ray.serve.llm's per-node "download the model" task when the model is a local directory.
+    """Skip ray.serve.llm's per-node "download the model" task when the model is a local directory; with
+    `boot_registry` (no shared storage) first fetch that directory to this node when it is not here.
 
     That task starts another Ray worker process per replica and imports vLLM in it (~15-20 s on 2 busy cores) only
     to return the same path. `ctx.run_init_node` is the documented switch for it (ray.llm callback protocol).
@@ -249,6 +250,14 @@ class LocalModelCallback(CallbackBase):
 
     async def on_before_node_init(self) -> None:
         source = self.llm_config.model_loading_config.model_source
+        registry = self.kwargs.get("boot_registry")
+        if registry and isinstance(source, str) and not os.path.isdir(source):
+            # no shared storage: this node gets the boot checkpoint, at the driver's path, from the app's registry
+            from mpo_online.run.shipping import ensure_local
+            boot = await get_registry(registry, create=False).boot_files.remote()
+            if not boot:
+                raise RuntimeError(f"{source} is not on this node and the registry {registry} has no boot files")
+            ensure_local(source, await boot[0])
         if isinstance(source, str) and os.path.isdir(source):
             self.ctx.run_init_node = False
 

@@ -135,6 +135,16 @@ class PolicyRegistry:
         if self._desired["gen"] == gen:
             self._desired["source"] = {"ref": [own]}
 
+    async def set_boot_files(self, packed: list) -> None:
+        """[ObjectRef of mpo_online.run.shipping.pack_dir(boot checkpoint)]: re-put here, so the registry owns it
+        and a replica that (re)starts on a node without the driver's files can fetch it after the driver is gone."""
+        import ray
+
+        self._boot_files = [ray.put(await packed[0])]
+
+    def boot_files(self) -> list | None:
+        return getattr(self, "_boot_files", None)
+
     def set_app_key(self, key: str) -> None:
         self._app_key = key
 

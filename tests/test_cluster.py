@@ -5,26 +5,12 @@ directory: the nearest this machine gets to a node without the shared volume. Th
 `unshare` is not allowed it is skipped with the reason. (On one node the check has nothing to do: every loop test runs
 it so.)"""
 
-import os
-import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from hidden_nodes import cannot_hide, hidden_node
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _can_hide_dirs(d: Path) -> str | None:
-    """None when `unshare -m` + a tmpfs mount work here, else why not."""
-    if shutil.which("unshare") is None:
-        return "no unshare"
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {d}"], capture_output=True, text=True)
-    return None if probe.returncode == 0 else f"unshare -m + mount refused: {probe.stderr.strip()[:200]}"
 
 
 def _wait_nodes(ray, n: int, timeout_s: float = 60.0) -> None:
@@ -72,15 +58,11 @@ def test_a_node_that_does_not_see_the_run_dir_is_named_before_anything_starts(cl
     shared = tmp_path / "shared"
     (shared / "model").mkdir(parents=True)
     (shared / "model" / "config.json").write_text('{"model_type": "idefics3"}')
-    why = _can_hide_dirs(shared)
+    why = cannot_hide(shared)
     if why:
         pytest.skip(why)
     # a third node whose processes see an empty tmpfs where the driver sees `shared`
-    node = subprocess.Popen(
-        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {shared} && exec {RAY} start --address={c.address} "
-         f"--num-cpus=1 --resources='{{\"hidden\": 1}}' --block --disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with hidden_node(c.address, shared, {"hidden": 1}, log=tmp_path / "node.log"):
         _wait_nodes(ray, 3)
         hidden = next(n for n in ray.nodes() if n["Alive"] and n["Resources"].get("hidden"))
         with pytest.raises(SharedStorageError) as err:
@@ -90,7 +72,3 @@ def test_a_node_that_does_not_see_the_run_dir_is_named_before_anything_starts(cl
         assert f"node {hidden['NodeID'][:12]}" in msg and "loop.run_dir" in msg and "model.path" in msg
         assert msg.count("does not see") == 2
         assert not (shared / "run" / ".mpo-online-shared-check").exists()
-    finally:
-        os.killpg(node.pid, 15)
-        node.wait(timeout=60)
-

@@ -115,6 +115,11 @@ def test_hash_ignores_round_count_but_not_training_settings():
     base = load_config(None)
     assert load_config(None, ["loop.rounds=9"]).hash() == base.hash()
     assert load_config(None, ["trainer.lr=1e-3"]).hash() != base.hash()
+    # where the parts run and how files reach them: the same run (tests/test_online_loop.py compares the weights)
+    cluster = load_config(None, ["resources.shared_storage=false", "resources.serve_replica_resources={engine: 1}",
+                                 "resources.train_worker_resources={trainer: 1}"])
+    assert cluster.resources.serve_replica_resources == {"engine": 1.0} and not cluster.resources.shared_storage
+    assert cluster.hash() == base.hash()
 
 
 def test_chosen_check_modes_match_the_checker():

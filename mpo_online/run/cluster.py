@@ -11,8 +11,8 @@ the first symptom used to be a vLLM or DeepSpeed stack trace minutes into the ru
 before anything starts: the driver writes a marker file with a random token into each directory, and a zero-CPU task
 pinned to every other alive node reads it back at the same path.
 
-Shipping the run directory's files through the object store instead (no shared storage) is not built: see README,
-"On a cluster".
+Without shared storage (`resources.shared_storage: false`) the job skips this check: checkpoints then travel through
+the object store (mpo_online/run/shipping.py) and the run directory stays on the driver's node.
 """
 
 from __future__ import annotations
@@ -83,5 +83,6 @@ def check_shared_paths(run_dirs: dict[str, str | Path], files: dict[str, str | P
         raise SharedStorageError(
             "every node that runs engines or training workers must see the run's files at the same absolute paths "
             "(shared storage such as NFS); " + "; ".join(bad)
-            + ". Mount them on every node, or run on one node (README: On a cluster).")
+            + ". Mount them on every node, or set resources.shared_storage=false to ship checkpoints through Ray's "
+            "object store instead (README: On a cluster).")
     return [n["NodeID"] for n in others]

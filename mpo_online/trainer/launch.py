@@ -128,10 +128,11 @@ def worker_config(n_rows: int, *, policy_dir, ref_dir, objective: str, weights: 
     return config, plan
 
 
-def worker_scaling(num_workers: int, worker_cpus: float, worker_gpus: float):
-    """Ray Train's ScalingConfig for `num_workers` workers reserving these CPUs / GPUs each."""
+def worker_scaling(num_workers: int, worker_cpus: float, worker_gpus: float, extra: dict | None = None):
+    """Ray Train's ScalingConfig for `num_workers` workers reserving these CPUs / GPUs (+ `extra` custom
+    resources, which pin them to the nodes offering them) each."""
     from ray.train import ScalingConfig
-    resources = {"CPU": worker_cpus, **({"GPU": worker_gpus} if worker_gpus else {})}
+    resources = {"CPU": worker_cpus, **({"GPU": worker_gpus} if worker_gpus else {}), **(extra or {})}
     return ScalingConfig(num_workers=num_workers, use_gpu=worker_gpus > 0, resources_per_worker=resources)
 
 

@@ -17,7 +17,9 @@ n // workers rows each, the remainder dropped; micro-batch ticks grouped by leng
 job, and waits for every worker's answer. Each worker runs the same `worker.train_worker` as a per-call Ray Train
 run (fresh DeepSpeed engine and AdamW state from the job's policy; delta carried by the caller), with its shard as a
 list of rows; rank 0 writes the Hugging Face export straight into a temp dir beside `out_dir`, which the driver
-completes and renames (one safetensors write, read by every engine replica at the swap).
+completes and renames (one safetensors write, read by every engine replica at the swap). Without shared storage
+(`ship_files`) the job also carries the policy and reference directories as object refs, which each worker writes to
+its node at the same paths first, and rank 0 sends the export back the same way (mpo_online/run/shipping.py).
 
 Failure: a worker that raises ends the Ray Train run (no restarts: the round is redone from its inputs, which gives
 the same result: data order and seeds are fixed); `train` raises RuntimeError with the worker's error, and the
@@ -35,6 +37,7 @@ import traceback
 import uuid
 from pathlib import Path
 
+from mpo_online.run.shipping import pack_dir, write_files
 from mpo_online.trainer.launch import (
     TrainResult,
     _cached,
@@ -87,6 +90,7 @@ def session_fn(config: dict) -> None:
     import ray
     import ray.train
 
+    from mpo_online.run.shipping import ensure_local, is_here, pack_dir
     from mpo_online.trainer.worker import train_worker
 
     # what every job imports, imported once while the engines start (deepspeed alone takes seconds)
@@ -99,7 +103,12 @@ def session_fn(config: dict) -> None:
         last, job = item
         rows = ray.get(job["shards"][rank])
         try:
+            for path, (digest, packed) in job["ship"].items():  # no shared storage: the job's checkpoints, here
+                if not is_here(path, digest):  # (fetched only where missing)
+                    ensure_local(path, ray.get(packed))
             out = train_worker(**job["kwargs"], rows=rows, export_dir=job["export_dir"])
+            if job["ship"] and rank == 0:   # ... and the new policy back to the driver (it fetches it at once)
+                out["export"] = ray.put(pack_dir(job["export_dir"]))
             ray.get(board.answer.remote(last, rank, out))
         except BaseException:
             ray.get(board.answer.remote(last, rank, {"error": traceback.format_exc()}))
@@ -109,14 +118,19 @@ def session_fn(config: dict) -> None:
 class TrainerSession:
     """Driver handle of the long-lived worker group. Not thread-safe: one `train` call at a time."""
 
-    def __init__(self, board, thread: threading.Thread, fit_error: list, *, num_workers: int, worker_cpus: float):
+    def __init__(self, board, thread: threading.Thread, fit_error: list, *, num_workers: int, worker_cpus: float,
+                 ship_files: bool = False):
         self.board, self._thread, self._fit_error = board, thread, fit_error
-        self.num_workers, self.worker_cpus = num_workers, worker_cpus
+        self.num_workers, self.worker_cpus, self.ship_files = num_workers, worker_cpus, ship_files
         self.closed = False
 
     @classmethod
     def start(cls, *, num_workers: int = 2, worker_cpus: float = 1.0, worker_gpus: float = 0.0,
-              storage_dir, name: str | None = None) -> TrainerSession:
+              worker_resources: dict | None = None, ship_files: bool = False, storage_dir,
+              name: str | None = None) -> TrainerSession:
+        """worker_resources: custom Ray resources per worker (node pinning). ship_files: the workers may not see
+        the driver's files: each call ships its policy / reference directories to them and the new policy back
+        through the object store (mpo_online/run/shipping.py); otherwise they read and write the driver's paths."""
         import ray
         from ray.train import FailureConfig, RunConfig
         from ray.train.torch import TorchTrainer
@@ -124,7 +138,7 @@ class TrainerSession:
         board = ray.remote(num_cpus=0)(JobBoard).remote(num_workers)
         trainer = TorchTrainer(
             session_fn, train_loop_config={"board": board},
-            scaling_config=worker_scaling(num_workers, worker_cpus, worker_gpus),
+            scaling_config=worker_scaling(num_workers, worker_cpus, worker_gpus, worker_resources),
             run_config=RunConfig(name=name or f"session-{uuid.uuid4().hex[:8]}",
                                  storage_path=str(Path(storage_dir).resolve()),
                                  failure_config=FailureConfig(max_failures=0),
@@ -139,7 +153,7 @@ class TrainerSession:
 
         thread = threading.Thread(target=fit, name="mpo-trainer-session", daemon=True)
         thread.start()
-        return cls(board, thread, fit_error, num_workers=num_workers, worker_cpus=worker_cpus)
+        return cls(board, thread, fit_error, num_workers=num_workers, worker_cpus=worker_cpus, ship_files=ship_files)
 
     def train(self, dataset, *, policy_dir, out_dir, ref_dir=None, objective: str = "mpo", weights=None,
               beta: float = 0.1, delta_state: dict | None = None, run_name: str | None = None, progress_file=None,
@@ -190,13 +204,21 @@ class TrainerSession:
         export = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
         prep_seconds = time.time() - t0
 
-        job_id = ray.get(self.board.post.remote({"kwargs": config, "shards": shards, "export_dir": str(export)}))
+        ship = {}
+        if self.ship_files:
+            for d in {config["policy_dir"], config["ref_dir"]} - {None}:
+                packed = pack_dir(d)
+                ship[d] = (packed["digest"], ray.put(packed))
+        job_id = ray.get(self.board.post.remote({"kwargs": config, "shards": shards, "export_dir": str(export),
+                                                 "ship": ship}))
         try:
             answers = self._wait(job_id)
             errors = [a["error"] for a in answers.values() if "error" in a]
             if errors:
                 self.close()
                 raise RuntimeError(f"training call {run_name!r} failed on a worker:\n{errors[0]}")
+            if self.ship_files and not export.exists():  # rank 0 ran on a node that does not share our files
+                write_files(export, ray.get(answers[0]["export"])["files"])
         except BaseException:
             shutil.rmtree(export, ignore_errors=True)
             raise
