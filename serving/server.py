@@ -253,11 +253,14 @@ class LocalModelCallback(CallbackBase):
         registry = self.kwargs.get("boot_registry")
         if registry and isinstance(source, str) and not os.path.isdir(source):
             # no shared storage: this node gets the boot checkpoint, at the driver's path, from the app's registry
-            from mpo_online.run.shipping import ensure_local
+            from mpo_online.run.shipping import ensure_local, is_here
             boot = await get_registry(registry, create=False).boot_files.remote()
             if not boot:
                 raise RuntimeError(f"{source} is not on this node and the registry {registry} has no boot files")
-            ensure_local(source, await boot[0])
+            digest, ref = boot
+            if not is_here(source, digest):
+                pack = await ref
+                ensure_local(source, digest, lambda: pack)
         if isinstance(source, str) and os.path.isdir(source):
             self.ctx.run_init_node = False
 

@@ -140,9 +140,11 @@ class PolicyRegistry:
         and a replica that (re)starts on a node without the driver's files can fetch it after the driver is gone."""
         import ray
 
-        self._boot_files = [ray.put(await packed[0])]
+        pack = await packed[0]
+        self._boot_files = [pack["digest"], ray.put(pack)]
 
     def boot_files(self) -> list | None:
+        """[digest, ObjectRef of the pack] (None before set_boot_files)."""
         return getattr(self, "_boot_files", None)
 
     def set_app_key(self, key: str) -> None:

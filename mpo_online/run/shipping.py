@@ -1,7 +1,8 @@
 """Checkpoint directories shipped between nodes through Ray's object store, for clusters without shared storage.
 
     packed = pack_dir("runs/x/policies/v0003")          # {"digest": sha256, "files": {name: bytes}}
-    ensure_local("runs/x/policies/v0003", packed)       # on another node: the same files at the same absolute path
+    ensure_local("runs/x/policies/v0003", packed["digest"], lambda: packed)   # on another node: the same files
+                                                                              # at the same absolute path
 
 With `resources.shared_storage: false` the loop never assumes that another node sees the driver's files. What a node
 needs is shipped to it as bytes: the training workers get the policy (and reference) directory of each call and
@@ -22,6 +23,7 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 MARKER = ".mpo-shipped"  # in a shipped copy: the digest of what was shipped
@@ -46,29 +48,41 @@ def is_here(path: str | Path, digest: str) -> bool:
     return Path(path).is_dir() and (not marker.exists() or marker.read_text() == digest)
 
 
-def ensure_local(path: str | Path, packed: dict) -> bool:
-    """Make `path` hold the packed files on this node, unless it already does; True when files were written.
+def ensure_local(path: str | Path, digest: str, fetch: Callable[[], dict]) -> bool:
+    """Make `path` hold the shipped directory of `digest` on this node, unless it already does; True when files
+    were written. `fetch()` returns the pack (e.g. `ray.get` of its ref): called only when the files are missing.
 
-    Callers on one node (the training workers of a call) take turns on a lock file beside `path`: a second caller
-    then finds the first one's copy in place and leaves it alone (replacing it while the first loads from it once
-    fed that worker a half-deleted processor config)."""
+    Callers on one node (the training workers of a call) take turns on a lock file beside `path`: the first fetches
+    and writes, the others then find its copy and keep it (replacing it while the first loaded from it once fed that
+    worker a half-deleted processor config)."""
     import fcntl
 
     path = Path(path)
-    if is_here(path, packed["digest"]):
+    if is_here(path, digest):
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.ship-lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_here(path, packed["digest"]):
+        if is_here(path, digest):
             return False
+        packed = fetch()
+        if packed["digest"] != digest:
+            raise ValueError(f"{path}: the pack's digest {packed['digest'][:12]} is not the expected {digest[:12]}")
         tmp = path.with_name(f".{path.name}.ship-{uuid.uuid4().hex[:8]}")
         write_files(tmp, packed["files"])
-        (tmp / MARKER).write_text(packed["digest"])
+        (tmp / MARKER).write_text(digest)
         if path.is_dir():  # a shipped copy of other content (the same path, a round redone)
             shutil.rmtree(path)
         os.rename(tmp, path)
     return True
+
+
+def remove_copy(path: str | Path) -> None:
+    """Delete a shipped copy (a directory with the marker) and its lock file; the driver's own is never touched."""
+    path = Path(path)
+    if (path / MARKER).exists():
+        shutil.rmtree(path, ignore_errors=True)
+        path.with_name(f".{path.name}.ship-lock").unlink(missing_ok=True)
 
 
 def write_files(path: str | Path, files: dict[str, bytes]) -> None:

@@ -90,7 +90,7 @@ def session_fn(config: dict) -> None:
     import ray
     import ray.train
 
-    from mpo_online.run.shipping import ensure_local, is_here, pack_dir
+    from mpo_online.run.shipping import ensure_local, pack_dir, remove_copy
     from mpo_online.trainer.worker import train_worker
 
     # what every job imports, imported once while the engines start (deepspeed alone takes seconds)
@@ -98,17 +98,22 @@ def session_fn(config: dict) -> None:
                  "mpo_online.trainer.logps", "mpo_online.trainer.losses", "mpo_online.run.console"):
         importlib.import_module(name)
 
-    board, rank, last = config["board"], ray.train.get_context().get_world_rank(), 0
+    board, rank, last, shipped = config["board"], ray.train.get_context().get_world_rank(), 0, set()
     while (item := ray.get(board.take.remote(last))) is not None:
         last, job = item
         rows = ray.get(job["shards"][rank])
         try:
-            for path, (digest, packed) in job["ship"].items():  # no shared storage: the job's checkpoints, here
-                if not is_here(path, digest):  # (fetched only where missing)
-                    ensure_local(path, ray.get(packed))
+            # no shared storage: the job's checkpoints, written to this node (by one worker of the node) where
+            # missing; the last job's copies are not kept (every call would leave a checkpoint on the node)
+            for path in shipped - set(job["ship"]):
+                remove_copy(path)
+            shipped = set(job["ship"])
+            for path, (digest, ref) in job["ship"].items():
+                ensure_local(path, digest, lambda ref=ref: ray.get(ref))
             out = train_worker(**job["kwargs"], rows=rows, export_dir=job["export_dir"])
             if job["ship"] and rank == 0:   # ... and the new policy back to the driver (it fetches it at once)
                 out["export"] = ray.put(pack_dir(job["export_dir"]))
+                shutil.rmtree(job["export_dir"], ignore_errors=True)  # the driver writes it from the pack
             ray.get(board.answer.remote(last, rank, out))
         except BaseException:
             ray.get(board.answer.remote(last, rank, {"error": traceback.format_exc()}))
@@ -217,7 +222,7 @@ class TrainerSession:
             if errors:
                 self.close()
                 raise RuntimeError(f"training call {run_name!r} failed on a worker:\n{errors[0]}")
-            if self.ship_files and not export.exists():  # rank 0 ran on a node that does not share our files
+            if self.ship_files:  # rank 0 sent the export (and removed its own, wherever it ran)
                 write_files(export, ray.get(answers[0]["export"])["files"])
         except BaseException:
             shutil.rmtree(export, ignore_errors=True)
