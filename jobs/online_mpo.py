@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     from mpo_online.evaluate import evaluate
     from mpo_online.rollout.pipeline import run_round
     from mpo_online.synthetic.chains import pair_chain_rates, synthetic_meta
-    from mpo_online.trainer.session import TrainerSession
+    from mpo_online.trainer.session import TrainerSession, session_kwargs
     from mpo_online.warm_start import warm_start_from_config
     from serving.app import serving_kwargs, start_policy_server, start_serve, stop_policy_server
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     # the training worker group lives for the whole job: it starts in the background (Ray Train start-up, imports)
     # while the model and tasks are built, then runs the warm start and every round's update
     pending = [r for r in range(1, cfg.loop.rounds + 1) if not phase_at_least(run.manifest(r), "trained")]
-    session = TrainerSession.start(storage_dir=str(run.root / "trainer_session"), **session_kwargs(cfg)) \
+    session = TrainerSession.start(storage_dir=str(run.root / "trainer_session"), **session_kwargs(cfg.resources)) \
         if pending or not run.has_policy(0) else None
     # Serve's controller and HTTP proxy start meanwhile (the app itself waits for policy v0)
     serve_boot = threading.Thread(target=start_serve, kwargs={"port": cfg.serving.port}, daemon=True)
@@ -246,21 +246,13 @@ def fault_point(r: int, phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def publish_policy(client, version: int, policy_dir, ship: bool, timeout_s: float = 300.0) -> dict:
+def publish_policy(client, version: int, policy_dir, ship: bool) -> dict:
     """Every replica serves `version`: published as its directory, or without shared storage as its safetensors
-    bytes. Bytes cannot be compared with what a killed driver already published, so a version the app's registry
-    already carries is not published again; this waits until every replica serves it."""
+    bytes (a resumed driver's repeat of its last publish is a no-op either way: serving/weight_sync.py)."""
     if not ship:
         return client.publish(version, str(policy_dir))
-    if client.current_version() < version:
-        from mpo_online.run.shipping import weights_bytes
-        return client.publish(version, weights_bytes=weights_bytes(policy_dir), timeout_s=timeout_s)
-    deadline = time.time() + timeout_s
-    while not (versions := client.replica_versions()) or any(v != version for v in versions.values()):
-        if time.time() > deadline:
-            raise TimeoutError(f"version {version} not live on every replica after {timeout_s:.0f} s: {versions}")
-        time.sleep(0.5)
-    return {"version": version, "seconds": 0.0, "replicas": versions}
+    from mpo_online.run.shipping import weights_bytes
+    return client.publish(version, weights_bytes=weights_bytes(policy_dir))
 
 
 EVAL_CHUNKS = 8  # held-out requests go out in this many concurrent calls, so the console can count finished ones
@@ -296,12 +288,6 @@ def shared_paths(cfg, run_root) -> tuple[dict, dict]:
     elif cfg.model.init_if_missing or cfg.model.source:
         dirs["model.path"] = model.parent
     return dirs, files
-
-
-def session_kwargs(cfg) -> dict:
-    res = cfg.resources
-    return dict(num_workers=res.train_workers, worker_cpus=res.train_worker_cpus, worker_gpus=res.train_worker_gpus,
-                worker_resources=res.train_worker_resources, ship_files=not res.shared_storage)
 
 
 class TrainCall(NamedTuple):

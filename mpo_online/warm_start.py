@@ -172,7 +172,7 @@ def _train_warm_start(cfg, run, *, base: Path, data: Path, out: Path, session) -
     from mpo_online.data.prompts import load_prompts
     from mpo_online.data.records import pairs_to_table, write_parquet_atomic
     from mpo_online.trainer.progress import TRAIN_PROGRESS_FILE
-    from mpo_online.trainer.session import TrainerSession
+    from mpo_online.trainer.session import TrainerSession, session_kwargs
 
     ws, t, res = cfg.warm_start, cfg.trainer, cfg.resources
     rows = load_prompts(data / "train.parquet", images_anywhere=cfg.data.images_anywhere)[0]
@@ -190,10 +190,7 @@ def _train_warm_start(cfg, run, *, base: Path, data: Path, out: Path, session) -
         ray.init(num_cpus=res.num_cpus, num_gpus=res.num_gpus, include_dashboard=False)
     own = session is None
     if own:
-        session = TrainerSession.start(num_workers=res.train_workers, worker_cpus=res.train_worker_cpus,
-                                       worker_gpus=res.train_worker_gpus, worker_resources=res.train_worker_resources,
-                                       ship_files=not res.shared_storage,
-                                       storage_dir=str(run.root / "warm_start_train"))
+        session = TrainerSession.start(storage_dir=str(run.root / "warm_start_train"), **session_kwargs(res))
     try:
         for name, examples, src, dst, lr, stop in stages:
             sft_path = run.root / f"{name}_sft.parquet"

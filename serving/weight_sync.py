@@ -26,6 +26,7 @@ registry class is made a Ray actor only by `get_registry()`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -95,8 +96,8 @@ class PolicyRegistry:
     """Desired state + replica reports. Async actor: `poll` parks on an Event without blocking other calls.
 
     A weight source is `{"path": dir}` (a checkpoint directory every replica's node can read) or
-    `{"ref": [ObjectRef]}` (a safetensors file as a uint8 array in the object store, for replicas on other nodes;
-    wrapped in a list so a poll returns the reference, not the 100s of MB).
+    `{"ref": [ObjectRef], "sha256": hex}` (a safetensors file as a uint8 array in the object store, for replicas on
+    other nodes; wrapped in a list so a poll returns the reference, not the 100s of MB).
     """
 
     def __init__(self, initial_version: int = 0):
@@ -112,9 +113,10 @@ class PolicyRegistry:
         return self._desired["gen"]
 
     def set_version(self, version: int, source: dict) -> int:
-        # Re-publishing the published version from the same checkpoint is a no-op, so a resumed driver can repeat
-        # its last publish (the registry is detached and outlives a killed driver). Anything else must move forward.
-        if version == self._desired["version"] and "path" in source and source == self._desired["source"]:
+        # Re-publishing the published version from the same checkpoint (path, or bytes of the same sha256) is a
+        # no-op, so a resumed driver can repeat its last publish (the registry is detached and outlives a killed
+        # driver). Anything else must move forward.
+        if version == self._desired["version"] and _same_source(source, self._desired["source"]):
             return self._desired["gen"]
         if version <= self._desired["version"]:
             raise ValueError(f"version {version} is not newer than the published {self._desired['version']}")
@@ -133,7 +135,7 @@ class PolicyRegistry:
         except Exception:  # the publisher's copy stays the source
             return
         if self._desired["gen"] == gen:
-            self._desired["source"] = {"ref": [own]}
+            self._desired["source"] = {**self._desired["source"], "ref": [own]}
 
     async def set_boot_files(self, packed: list) -> None:
         """[ObjectRef of mpo_online.run.shipping.pack_dir(boot checkpoint)]: re-put here, so the registry owns it
@@ -188,6 +190,15 @@ class PolicyRegistry:
         return entry
 
 
+def _same_source(a: dict, b: dict | None) -> bool:
+    """The same checkpoint directory, or safetensors bytes with the same sha256."""
+    if b is None:
+        return False
+    if "path" in a:
+        return a == b
+    return "sha256" in a and a["sha256"] == b.get("sha256")
+
+
 def get_registry(name: str, *, create: bool = True, initial_version: int = 0):
     """The named registry actor (detached: it lives as long as the Serve app, not as long as a driver).
     `initial_version`: the version of the checkpoint the replicas boot from (used when this call creates it)."""
@@ -218,7 +229,8 @@ def make_source(*, weights_dir: str | Path | None = None, weights_bytes: bytes |
         import numpy as np
         import ray
 
-        return {"ref": [ray.put(np.frombuffer(weights_bytes, dtype=np.uint8))]}
+        return {"ref": [ray.put(np.frombuffer(weights_bytes, dtype=np.uint8))],
+                "sha256": hashlib.sha256(weights_bytes).hexdigest()}
     d = Path(weights_dir).resolve()
     if not d.is_dir() or not any(d.glob("*.safetensors")):
         raise FileNotFoundError(f"{d} is not a directory with *.safetensors files")

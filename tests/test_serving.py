@@ -146,6 +146,21 @@ def test_late_replica_starts_at_latest_version_and_pause_holds_requests():
     asyncio.run(main())
 
 
+def test_republishing_the_same_bytes_is_a_no_op_and_other_bytes_are_refused():
+    """A resumed driver without shared storage repeats its last publish as bytes: the same sha256 at the published
+    version changes nothing; other bytes at that version are refused like any older version."""
+    from serving.weight_sync import PolicyRegistry
+
+    async def main():
+        reg = PolicyRegistry()
+        gen = reg.set_version(1, {"ref": [None], "sha256": "aa"})  # (the registry's re-put of a None ref fails quietly)
+        assert reg.set_version(1, {"ref": [None], "sha256": "aa"}) == gen
+        with pytest.raises(ValueError):
+            reg.set_version(1, {"ref": [None], "sha256": "bb"})
+
+    asyncio.run(main())
+
+
 def test_a_resumed_driver_reuses_only_a_healthy_app_of_the_same_deployment(tmp_path):
     """serving.app: a running app is reused when its registry records the same app_key (checkpoint, options,
     serving code) and every replica serves the desired version, unpaused; anything else is redeployed."""

@@ -120,6 +120,12 @@ def session_fn(config: dict) -> None:
             raise   # a collective may be half done on the other ranks: end the run rather than continue
 
 
+def session_kwargs(res) -> dict:
+    """`TrainerSession.start` kwargs (all but storage_dir) from config.ResourcesConfig."""
+    return dict(num_workers=res.train_workers, worker_cpus=res.train_worker_cpus, worker_gpus=res.train_worker_gpus,
+                worker_resources=dict(res.train_worker_resources), ship_files=not res.shared_storage)
+
+
 class TrainerSession:
     """Driver handle of the long-lived worker group. Not thread-safe: one `train` call at a time."""
 
