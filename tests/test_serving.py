@@ -599,21 +599,31 @@ def test_a_replica_killed_mid_call_loses_no_request(server):
         except Exception as exc:  # reaches the assertion below instead of ending the thread silently
             errors.append(repr(exc))
 
-    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith("SERVE_REPLICA::") and "PolicyServer" in a["name"])
-    # Paused, the call's chunks reach both replicas and wait at admission, so the kill cannot come after the
-    # victim's share is done (a sleep-then-kill lost that race on a fast machine). Un-pausing without waiting and
-    # killing right after lands the kill while the victim's chunks wait or generate: in flight either way.
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::") and "PolicyServer" in a["name"]]
+    replicas = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in names]
+    assert len(replicas) == 2
+
+    def ongoing():  # requests each replica holds (Serve's own count: it answers while the replica's user code waits)
+        return [ray.get(r.get_num_ongoing_requests.remote()) for r in replicas]
+
+    # Paused, the call's chunks reach the replicas and wait at admission. The victim is a replica seen holding some
+    # of them, killed while they still wait: in flight by construction (killing after un-pausing raced the victim's
+    # share to completion or found the router had sent it nothing: CI saw `retried` 0 with both earlier designs).
     server.client.pause()
     t = threading.Thread(target=call)
     t.start()
     try:
-        time.sleep(2.0)
-        ray.get(server.client.registry.set_paused.remote(False))
-        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
-        t.join(300)
+        deadline, held = time.time() + 60, ongoing()
+        while sum(held) < 8 and time.time() < deadline:
+            time.sleep(0.2)
+            held = ongoing()
+        assert sum(held) == 8, held  # every chunk is waiting on a replica
+        victim = names[held.index(max(held))]
+        ray.kill(replicas[held.index(max(held))], no_restart=True)
     finally:  # un-paused whatever happened (not `resume()`: it would wait for the dead replica's report to age out)
         ray.get(server.client.registry.set_paused.remote(False))
+    t.join(300)
     assert errors == [] and not t.is_alive()
     assert server.client.retried > retried  # the kill did hit calls in flight, and they were sent again
 
