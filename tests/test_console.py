@@ -133,6 +133,24 @@ def test_train_progress_file(tmp_path):
     assert watch() == (None, None, "", "preparing (no step yet)")
 
 
+def test_train_progress_relayed_by_the_session_board():
+    """Without shared storage rank 0 hands its progress to a callable (the session's board); the board keeps the
+    current job's last fields only, and answers a poll with (answers once complete, progress)."""
+    from mpo_online.trainer.session import JobBoard
+    board = JobBoard(world=2)
+    first = board.post({"job": 1})
+    report_train_progress(lambda **f: board.report(first, f), stage="train", step=1, total=4)
+    assert board.poll(first) == (None, {"stage": "train", "step": 1, "total": 4})
+    report_train_progress(lambda **f: 1 / 0, stage="train", step=2, total=4)  # a failing relay does not raise
+    board.answer(first, 0, {"ok": 0})
+    assert board.poll(first) == (None, {"stage": "train", "step": 1, "total": 4})  # rank 1 has not answered
+    board.answer(first, 1, {"ok": 1})
+    assert board.poll(first)[0] == {0: {"ok": 0}, 1: {"ok": 1}}
+    second = board.post({"job": 2})
+    board.report(first, {"stage": "train", "step": 4, "total": 4})  # a late relay of the earlier job is dropped
+    assert board.poll(second) == (None, None) and board.poll(first) == (None, None)
+
+
 def test_component_names():
     assert component_of("ServeReplica:mpo-policy:PolicyServer:policy") == "serve"
     assert component_of("ServeController") == "serve" and component_of("ProxyActor") == "serve"

@@ -171,8 +171,8 @@ def _assert_same_table(a: Path, b: Path) -> None:
 
 
 def _assert_ran_on_the_hidden_nodes(address: str, run: Path) -> None:
-    """The engine replica ran on the "engine" node and the training workers on the "trainer" node; what only the
-    workers write (their progress files under rounds/*/train/) stayed on theirs, invisible here."""
+    """The engine replica ran on the "engine" node and the training workers on the "trainer" node; rank 0's training
+    progress still reached the driver's node (relayed by the session's board: the console's step counter)."""
     from ray.util.state import list_actors, list_nodes
 
     node_of = {res: n.node_id for n in list_nodes(address=address, detail=True) if n.state == "ALIVE"
@@ -181,7 +181,12 @@ def _assert_ran_on_the_hidden_nodes(address: str, run: Path) -> None:
     assert any(a.class_name.startswith("ServeReplica:") and "PolicyServer" in a.class_name
                and a.node_id == node_of["engine"] for a in actors)
     assert any(a.class_name == "RayTrainWorker" and a.node_id == node_of["trainer"] for a in actors)
-    assert (run / "policies/v0002/model.safetensors").exists() and not (run / "rounds/round_0001/train").exists()
+    for r in (1, 2):
+        progress = [json.loads(p.read_text()) for p in (run / f"rounds/round_{r:04d}/train").glob("*/progress.json")]
+        train = _manifest(run, r)["stats"]["train"]
+        calls = train.get("calls", {"": train}).values()  # the pairs' call and the unpaired prompts' SFT call
+        assert sorted((p["stage"], p["step"]) for p in progress) == sorted(("train", c["steps"]) for c in calls), \
+            (r, progress)
 
 
 def test_job_submit_kill_and_resume(cluster, tmp_path):

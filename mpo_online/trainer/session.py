@@ -19,7 +19,8 @@ run (fresh DeepSpeed engine and AdamW state from the job's policy; delta carried
 list of rows; rank 0 writes the Hugging Face export straight into a temp dir beside `out_dir`, which the driver
 completes and renames (one safetensors write, read by every engine replica at the swap). Without shared storage
 (`ship_files`) the job also carries the policy and reference directories as object refs, which each worker writes to
-its node at the same paths first, and rank 0 sends the export back the same way (mpo_online/run/shipping.py).
+its node at the same paths first, and rank 0 sends the export back the same way (mpo_online/run/shipping.py);
+its progress fields go through the board too, and the driver writes the console's progress file.
 
 Failure: a worker that raises ends the Ray Train run (no restarts: the round is redone from its inputs, which gives
 the same result: data order and seeds are fixed); `train` raises RuntimeError with the worker's error, and the
@@ -51,6 +52,7 @@ from mpo_online.trainer.launch import (
     worker_scaling,
 )
 from mpo_online.trainer.ordering import length_grouped_shards
+from mpo_online.trainer.progress import report_train_progress
 
 POLL_SECONDS = 0.05
 
@@ -60,10 +62,11 @@ class JobBoard:
 
     def __init__(self, world: int):
         self.world, self.job, self.job_id, self.closed, self.results = world, None, 0, False, {}
+        self.progress = None  # rank 0's last progress fields of the current job, when it cannot write the file
 
     def post(self, job: dict) -> int:
         self.job_id += 1
-        self.job, self.results = job, {}
+        self.job, self.results, self.progress = job, {}, None
         return self.job_id
 
     def close(self) -> None:
@@ -79,10 +82,15 @@ class JobBoard:
         if job_id == self.job_id:
             self.results[rank] = result
 
-    def answers(self, job_id: int):
-        """The answers to job `job_id` once every rank answered or one failed; None before."""
+    def report(self, job_id: int, fields: dict) -> None:
+        if job_id == self.job_id:
+            self.progress = fields
+
+    def poll(self, job_id: int):
+        """(the answers to job `job_id` once every rank answered or one failed, else None; its last progress)."""
         done = len(self.results) == self.world or any("error" in r for r in self.results.values())
-        return dict(self.results) if job_id == self.job_id and done else None
+        current = job_id == self.job_id
+        return (dict(self.results) if current and done else None), (self.progress if current else None)
 
 
 def session_fn(config: dict) -> None:
@@ -110,7 +118,10 @@ def session_fn(config: dict) -> None:
             shipped = set(job["ship"])
             for path, (digest, ref) in job["ship"].items():
                 ensure_local(path, digest, lambda ref=ref: ray.get(ref))
-            out = train_worker(**job["kwargs"], rows=rows, export_dir=job["export_dir"])
+            kwargs = job["kwargs"]
+            if job["ship"] and kwargs.get("progress_file"):  # the file would land on this node: the driver writes it
+                kwargs = {**kwargs, "progress_file": lambda job_id=last, **f: board.report.remote(job_id, f)}
+            out = train_worker(**kwargs, rows=rows, export_dir=job["export_dir"])
             if job["ship"] and rank == 0:   # ... and the new policy back to the driver (it fetches it at once)
                 out["export"] = ray.put(pack_dir(job["export_dir"]))
                 shutil.rmtree(job["export_dir"], ignore_errors=True)  # the driver writes it from the pack
@@ -223,7 +234,7 @@ class TrainerSession:
         job_id = ray.get(self.board.post.remote({"kwargs": config, "shards": shards, "export_dir": str(export),
                                                  "ship": ship}))
         try:
-            answers = self._wait(job_id)
+            answers = self._wait(job_id, config["progress_file"] if self.ship_files else None)
             errors = [a["error"] for a in answers.values() if "error" in a]
             if errors:
                 self.close()
@@ -248,10 +259,15 @@ class TrainerSession:
         return TrainResult(policy_dir=str(out_dir), metrics=metrics, delta_state=state["delta"],
                            history=state["history"], run_name=run_name)
 
-    def _wait(self, job_id: int) -> dict:
+    def _wait(self, job_id: int, progress_file: str | None = None) -> dict:
+        """The job's answers; meanwhile rank 0's progress relayed by the board goes to `progress_file` (if given)."""
         import ray
+        written = None
         while True:
-            answers = ray.get(self.board.answers.remote(job_id))
+            answers, progress = ray.get(self.board.poll.remote(job_id))
+            if progress_file and progress and progress != written:
+                report_train_progress(progress_file, **progress)
+                written = progress
             if answers is not None:
                 return answers
             if not self._thread.is_alive():   # the Ray Train run ended under us
