@@ -76,6 +76,20 @@ def test_seeds_of_one_objective_are_grouped_with_a_standard_error(tmp_path):
     assert run_row(runs[2])["objective"] == "sft-only control (mpo, weights 0/0/1)"
 
 
+def test_two_groups_of_one_objective_name_their_additions(tmp_path):
+    """The paper's MPO and MPO with first-token rewards and an SFT call would both read "mpo": the table names what
+    the second adds; alone in a table, such a group keeps its plain label."""
+    plus = ({"objective": "mpo", "pref_span": "first_diff_token"}, {"unpaired": True, "paired": True})
+    runs = [_fixture_run(tmp_path, "paper"), _fixture_run(tmp_path, "plus", mpo=plus[0])]
+    (runs[1] / "config.yaml").write_text(yaml.safe_dump({"mpo": plus[0], "sft": plus[1], "rollout": {"seed": 0},
+                                                         "model": {"path": "artifacts/smollm2-135m"}}))
+    md = render(runs)
+    assert "| mpo | smollm2-135m | paper (0) |" in md
+    assert ("| mpo + rewards on the first diff token, SFT call on every checked chain | smollm2-135m | plus (0) |"
+            in md)
+    assert "| mpo | smollm2-135m | plus (0) |" in render(runs[1:])
+
+
 def test_a_setting_the_objective_ignores_does_not_split_a_group(tmp_path):
     """`sft.mixed_repeats` changes RFT runs only: MPO seeds that differ in it are one group, RFT seeds are not."""
     from mpo_online.run.results import _group_key

@@ -58,6 +58,20 @@ def objective_label(cfg: dict) -> str:
     return f"sft-only control (mpo, weights {weights})" if w[:2] == (0.0, 0.0) else f"mpo (weights {weights})"
 
 
+def objective_additions(cfg: dict) -> str:
+    """The project's additions to the objective that its label does not show: rewards on a span instead of the
+    sequence (`mpo.pref_span`), an SFT call of its own on the round's checked chains (`sft.unpaired` / `sft.paired`).
+    Named in a table only where two groups would otherwise share a label."""
+    parts = []
+    span = cfg.get("mpo", {}).get("pref_span", "sequence")
+    if span != "sequence":
+        parts.append(f"rewards on the {span.replace('_', ' ')}")
+    sft = cfg.get("sft", {})
+    if sft.get("unpaired"):
+        parts.append("SFT call on " + ("every checked chain" if sft.get("paired") else "unpaired prompts' chains"))
+    return ", ".join(parts)
+
+
 def _mean_and_se(xs: list[float]) -> tuple[float, float]:
     """Mean and standard error (sample std / sqrt(n)); the error of one value is 0."""
     m = sum(xs) / len(xs)
@@ -106,7 +120,7 @@ def run_row(run: Path) -> dict:
     commands = ["`" + " ".join(x.get("argv", [])) + "`" + (f" ({x['note']})" if x.get("note") else "")
                 for x in r["sessions"] if x.get("argv")]
     machines = list(dict.fromkeys(machine_line(m) for m in r["machines"])) or ["not recorded"]
-    return {"run": run.name, "objective": objective_label(r["cfg"]),
+    return {"run": run.name, "objective": objective_label(r["cfg"]), "additions": objective_additions(r["cfg"]),
             "seed": r["cfg"].get("rollout", {}).get("seed", 0), "group": _group_key(r["cfg"]),
             "cot_values": cot, "minutes_values": minutes,
             "format_values": [x["eval"].get("format_failure_rate") for x in rounds],
@@ -155,6 +169,13 @@ def _groups(rows: list[dict]) -> list[tuple[list[dict], int]]:
     return out
 
 
+def _group_labels(groups: list[tuple[list[dict], int]]) -> list[str]:
+    """Each group's objective label, with its additions where another group has the same label."""
+    labels = [xs[0]["objective"] for xs, _ in groups]
+    return [f"{label} + {xs[0]['additions']}" if labels.count(label) > 1 and xs[0]["additions"] else label
+            for label, (xs, _) in zip(labels, groups)]
+
+
 def group_table(rows: list[dict]) -> list[str]:
     """Runs whose configs differ only in seeds, over those seeds: mean ± standard error per round."""
     out = ["", "Over seeds (runs whose configs differ only in `rollout.seed` / `trainer.seed`; mean ± standard error "
@@ -162,8 +183,9 @@ def group_table(rows: list[dict]) -> list[str]:
            "| objective | model | runs (seed) | CoT acc by round (0 = start) | gain | format fail (last) | "
            "minutes per round (mean) |",
            "|---|---|---|---|---:|---:|---|"]
-    for xs, n_rounds in _groups(rows):
-        objective, model = xs[0]["objective"], xs[0]["model"]
+    groups = _groups(rows)
+    for (xs, n_rounds), objective in zip(groups, _group_labels(groups)):
+        model = xs[0]["model"]
         cot = " → ".join(_mean_se([x["cot_values"][i] for x in xs]) for i in range(n_rounds))
         gain = _mean_se([x["cot_values"][n_rounds - 1] - x["cot_values"][0] for x in xs])
         minutes = ", ".join(f"{sum(x['minutes_values'][i] for x in xs) / len(xs):.1f}" for i in range(n_rounds - 1))
@@ -182,10 +204,11 @@ def plot(runs: list[Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for xs, n in _groups([run_row(Path(r)) for r in runs]):
+    groups = _groups([run_row(Path(r)) for r in runs])
+    for (xs, n), objective in zip(groups, _group_labels(groups)):
         means, ses = zip(*(_mean_and_se([100 * x["cot_values"][i] for x in xs]) for i in range(n)))
         ax.errorbar(range(n), means, yerr=ses, marker="o", capsize=3,
-                    label=f"{xs[0]['objective']}, {xs[0]['model']} ({len(xs)} seed{'s' if len(xs) > 1 else ''})")
+                    label=f"{objective}, {xs[0]['model']} ({len(xs)} seed{'s' if len(xs) > 1 else ''})")
     ax.set_xlabel("round (0 = start)")
     ax.set_ylabel("held-out greedy CoT accuracy, %")
     ax.legend(fontsize=7)
