@@ -609,7 +609,7 @@ def test_a_replica_killed_mid_call_loses_no_request(server):
 
     # Paused, the call's chunks reach the replicas and wait at admission. The victim is a replica seen holding some
     # of them, killed while they still wait: in flight by construction (killing after un-pausing raced the victim's
-    # share to completion or found the router had sent it nothing: CI saw `retried` 0 with both earlier designs).
+    # share to completion or found the router had sent it nothing: `retried` 0 with both earlier designs).
     server.client.pause()
     t = threading.Thread(target=call)
     t.start()
