@@ -253,14 +253,16 @@ class LocalModelCallback(CallbackBase):
         registry = self.kwargs.get("boot_registry")
         if registry and isinstance(source, str) and not os.path.isdir(source):
             # no shared storage: this node gets the boot checkpoint, at the driver's path, from the app's registry
-            from mpo_online.run.shipping import ensure_local, is_here
+            import ray
+
+            from mpo_online.run.shipping import ensure_local
             boot = await get_registry(registry, create=False).boot_files.remote()
             if not boot:
                 raise RuntimeError(f"{source} is not on this node and the registry {registry} has no boot files")
+            # in a thread: the fetch (only by the first replica of the node, under ensure_local's lock) and the
+            # write of a checkpoint's bytes would otherwise hold the replica's event loop
             digest, ref = boot
-            if not is_here(source, digest):
-                pack = await ref
-                ensure_local(source, digest, lambda: pack)
+            await asyncio.to_thread(ensure_local, source, digest, lambda: ray.get(ref))
         if isinstance(source, str) and os.path.isdir(source):
             self.ctx.run_init_node = False
 

@@ -619,8 +619,9 @@ def test_a_replica_killed_mid_call_loses_no_request(server):
             time.sleep(0.2)
             held = ongoing()
         assert sum(held) == 8, held  # every chunk is waiting on a replica
-        victim = names[held.index(max(held))]
-        ray.kill(replicas[held.index(max(held))], no_restart=True)
+        i = held.index(max(held))
+        victim = names[i]
+        ray.kill(replicas[i], no_restart=True)
     finally:  # un-paused whatever happened (not `resume()`: it would wait for the dead replica's report to age out)
         ray.get(server.client.registry.set_paused.remote(False))
     t.join(300)
