@@ -6,6 +6,21 @@ import contextlib
 import pytest
 
 
+@pytest.fixture
+def experiment():
+    """Load a script of experiments/ as a module: `experiment("pair_shift").report(...)` (they are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).parent.parent / "experiments" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance for one test module: 2 logical CPUs (the machine's), no dashboard (faster start).

@@ -1,20 +1,10 @@
 """experiments/pair_shift.py's arithmetic (pure logic; the scoring itself is mpo_online.trainer.parity's, tested
 there)."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 
-def _pair_shift():
-    path = Path(__file__).parent.parent / "experiments" / "pair_shift.py"
-    spec = importlib.util.spec_from_file_location("pair_shift", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_report_splits_the_chosen_tokens_around_the_decision_token():
+def test_report_splits_the_chosen_tokens_around_the_decision_token(experiment):
     """Pair 1: chosen ids [8, 7, 9], rejected [8, 8, 9]: they first differ at position 1 (7 vs 8), so position 1 is
     the decision token, position 0 holds the rejected decision token's id (8) and position 2 is the rest.
     Starting policy, chosen log-probs [-0.2, -1.0, -0.3]; after: chosen [-0.1, -0.5, -0.6], rejected [-0.1, -2.0, -0.4].
@@ -22,7 +12,7 @@ def test_report_splits_the_chosen_tokens_around_the_decision_token():
     likelier (1.0); chosen sequence -0.1 - 0.5 - 0.6 = -1.2; changes: decision -0.5 + 1.0 = +0.5, same id
     -0.1 + 0.2 = +0.1, rest -0.6 + 0.3 = -0.3. Pair 2: chosen [1, 2] is a prefix of rejected [1, 2, 3]: no decision
     token, left out (pairs = 1)."""
-    ps = _pair_shift()
+    ps = experiment("pair_shift")
     rows = [{"chosen_token_ids": [8, 7, 9], "rejected_token_ids": [8, 8, 9]},
             {"chosen_token_ids": [1, 2], "rejected_token_ids": [1, 2, 3]}]
     base = [([-0.2, -1.0, -0.3], [-0.2, -0.9, -0.3]), ([-0.1, -0.1], [-0.1, -0.1, -0.1])]
