@@ -151,8 +151,9 @@ def reevaluate(runs: list[Path], n_extra: int) -> None:
              "date": time.strftime("%Y-%m-%d"), "versions": per_version}, indent=1))
 
 
-def table(runs: list[Path]) -> str:
-    """Over-seeds table of the re-evaluated accuracies, grouped as results.py groups runs."""
+def table(runs: list[Path], command: str = "") -> str:
+    """Over-seeds table of the re-evaluated accuracies, grouped as results.py groups runs; minutes per round are the
+    loop's own (from summary.json), format failures the re-evaluation's."""
     from mpo_online.run.results import _group_labels, _groups, _mean_se, run_row
 
     rows = []
@@ -160,28 +161,34 @@ def table(runs: list[Path]) -> str:
         rr = run_row(run)
         re = json.loads((run / "heldout_reeval.json").read_text())
         rr["cot_values"] = [v["accuracy_cot"] for v in re["versions"]]
+        rr["format_values"] = [v["format_failure_rate_cot"] for v in re["versions"]]
         rr["orig_diff"] = max(abs(v["accuracy_cot_original"] - v["recorded_accuracy_cot"]) for v in re["versions"]
                               if v["recorded_accuracy_cot"] is not None)
         rr["n"], rr["stamp"] = re["versions"][0]["n"], f"`{re['commit']}`, {re['date']}, {re['machine']}"
         rows.append(rr)
     n = rows[0]["n"]
     out = [f"Held-out greedy CoT accuracy on {n} problems (the runs' {rows[0]['n_heldout']} and "
-           f"{n - int(rows[0]['n_heldout'])} new ones, same generator and levels), per policy version, mean ± standard "
-           "error over seeds; last column: the largest difference, on the original problems, between this "
-           "re-evaluation and the accuracy the loop recorded:", "",
-           "| objective | runs (seed) | CoT acc by round (0 = start) | gain | per seed | recorded vs re-evaluated |",
-           "|---|---|---|---:|---|---:|"]
+           f"{n - int(rows[0]['n_heldout'])} new ones, same generator and levels) by policy version, mean ± standard "
+           "error over seeds; format failures of the last version; the loop's minutes per round; and the largest "
+           "difference, on the runs' own problems, between this re-evaluation and the accuracy the loop recorded:", "",
+           "| objective | runs (seed) | CoT acc by round (0 = start) | gain | gain per seed | format fail (last) | "
+           "minutes per round (mean) | vs recorded |",
+           "|---|---|---|---:|---|---:|---|---:|"]
     groups = _groups(rows)
     for (xs, k), label in zip(groups, _group_labels(groups)):
         cot = " → ".join(_mean_se([x["cot_values"][i] for x in xs]) for i in range(k))
         gains = [x["cot_values"][k - 1] - x["cot_values"][0] for x in xs]
         gain = _mean_se(gains)
-        per_seed = ", ".join(f"{100 * g:+.1f}" for g in gains)
+        minutes = ", ".join(f"{sum(x['minutes_values'][i] for x in xs) / len(xs):.1f}" for i in range(k - 1))
         out.append(f"| {label} | {', '.join(x['run'] + ' (' + str(x['seed']) + ')' for x in xs)} | {cot} | "
-                   f"{gain if gain.startswith('-') else '+' + gain} | {per_seed} | "
+                   f"{gain if gain.startswith('-') else '+' + gain} | {', '.join(f'{100 * g:+.1f}' for g in gains)} | "
+                   f"{_mean_se([x['format_values'][k - 1] for x in xs])} | {minutes or '-'} | "
                    f"{100 * max(x['orig_diff'] for x in xs):.0f} pts |")
-    out += ["", f"Rendered by `python experiments/heldout_reeval.py --render-only {' '.join(str(r) for r in runs)}`;"
-            " re-evaluated at " + "; ".join(dict.fromkeys(x["stamp"] for x in rows)) + "."]
+    out += ["", f"Rendered by `python experiments/heldout_reeval.py --render-only {command}"
+            f"{' '.join(str(r) for r in runs)}`; each run's command: [docs/results.md](docs/results.md). Runs at "
+            + ", ".join(dict.fromkeys(f"`{x['commit']}`" for x in rows)) + " on "
+            + "; ".join(dict.fromkeys(x["machine"] for x in rows)) + "; re-evaluated at "
+            + "; ".join(dict.fromkeys(x["stamp"] for x in rows)) + "."]
     return "\n".join(out) + "\n"
 
 
@@ -195,7 +202,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if not a.render_only:
         reevaluate(a.runs, a.n_extra)
-    text = table(a.runs)
+    text = table(a.runs, f"--into {a.into} " + (f"--block {a.block} " if a.block else "") if a.into else "")
     if a.into:
         from mpo_online.run.results import markers
 

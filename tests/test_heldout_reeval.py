@@ -46,7 +46,8 @@ def _run(root, name, seed, accs, recorded):
               for i, r in enumerate(recorded)]
     (run / "summary.json").write_text(json.dumps({"wall_seconds": 600, "rounds": rounds}))
     versions = [{"version": i, "n": 500, "accuracy_cot": a, "accuracy_cot_original": r + (0.01 if i == 1 else 0),
-                 "recorded_accuracy_cot": r} for i, (a, r) in enumerate(zip(accs, recorded))]
+                 "recorded_accuracy_cot": r, "format_failure_rate_cot": 0.02 * seed * (i == 2)}
+                for i, (a, r) in enumerate(zip(accs, recorded))]
     (run / "heldout_reeval.json").write_text(json.dumps({"commit": "abc1234", "date": "2026-12-05",
                                                          "machine": "Test CPU, 2 cores, AVX2", "versions": versions}))
     return run
@@ -55,10 +56,12 @@ def _run(root, name, seed, accs, recorded):
 def test_the_table_groups_seeds_and_shows_how_far_the_loop_s_own_figures_are(tmp_path, experiment):
     """Seed 0: 50% -> 56% -> 60% of 500 (gain +10), seed 1: 40% -> 44% -> 46% (gain +6): means 45.0 ± 5.0, 50.0 ±
     6.0, 53.0 ± 7.0, gain 8.0 ± 2.0 (sample std of 10 and 6 is 2.83, / sqrt 2 = 2.0). Round 1's re-evaluation of the
-    original problems is 1 point off what the loop recorded, on both seeds."""
+    original problems is 1 point off what the loop recorded, on both seeds. Format failures of the last version 0%
+    and 2%: 1.0 ± 1.0. Both runs' rounds took 60 s: 1.0 minutes per round."""
     runs = [_run(tmp_path, "a", 0, [0.5, 0.56, 0.6], [0.5, 0.5, 0.6]),
             _run(tmp_path, "b", 1, [0.4, 0.44, 0.46], [0.4, 0.4, 0.5])]
     md = experiment("heldout_reeval").table(runs)
     assert md.startswith("Held-out greedy CoT accuracy on 500 problems (the runs' 100 and 400 new ones")
-    assert "| rft | a (0), b (1) | 45.0 ± 5.0 → 50.0 ± 6.0 → 53.0 ± 7.0 | +8.0 ± 2.0 | +10.0, +6.0 | 1 pts |" in md
+    assert ("| rft | a (0), b (1) | 45.0 ± 5.0 → 50.0 ± 6.0 → 53.0 ± 7.0 | +8.0 ± 2.0 | +10.0, +6.0 | 1.0 ± 1.0 | "
+            "1.0, 1.0 | 1 pts |" in md)
     assert "re-evaluated at `abc1234`, 2026-12-05, Test CPU, 2 cores, AVX2." in md
