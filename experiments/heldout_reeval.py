@@ -108,7 +108,7 @@ def reevaluate(runs: list[Path], n_extra: int) -> None:
     from mpo_online.evaluate import greedy_request
     from mpo_online.run.machine import describe_machine, machine_line
 
-    llm = None
+    llm, commit = None, _commit()   # the code that runs is the code at the start
 
     def generate(requests: list[dict]) -> list[str]:
         params = [SamplingParams(temperature=0.0, max_tokens=q["max_tokens"]) for q in requests]
@@ -147,7 +147,7 @@ def reevaluate(runs: list[Path], n_extra: int) -> None:
                   f"{100 * s['accuracy_cot_original']:.0f}%, recorded {per_version[-1]['recorded_accuracy_cot']})",
                   flush=True)
         (run / "heldout_reeval.json").write_text(json.dumps(
-            {"n_extra": n_extra, "settings": st, "machine": machine_line(describe_machine()), "commit": _commit(),
+            {"n_extra": n_extra, "settings": st, "machine": machine_line(describe_machine()), "commit": commit,
              "date": time.strftime("%Y-%m-%d"), "versions": per_version}, indent=1))
 
 
