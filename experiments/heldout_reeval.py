@@ -5,12 +5,13 @@
 
 The word-problem runs (jobs/configs/smollm2_*.yaml) evaluate each round on their task directory's 100 held-out
 problems: one measurement has a binomial standard error of ~5 points, as wide as the differences between objectives.
-This script takes every policy a run saved (`policies/vNNNN`), and scores it greedily, as the loop does (the same
-`evaluate`, instructions and max_tokens, the chat template applied by vLLM), on those 100 problems plus `--n-extra`
-new ones: drawn by the same generator and levels from a derived seed, no question of the train or held-out split
-repeated. One in-process vLLM engine (float32) starts on the first policy; each later one is swapped in through the
-loop's own swap path (the worker extension's `mpo_reload_from_path`, caches reset). Policies with the same weights
-(a forked run's v0 is its source's) are scored once: results are cached by the weights' digest in
+This script takes every policy a run saved (`policies/vNNNN`) and scores it greedily as the loop does (the requests
+and scoring of mpo_online/evaluate.py, the run's instructions and max_tokens, the chat template applied by vLLM, the
+engine options serving/app.py uses on CPU) on those 100 problems plus `--n-extra` new ones: drawn by the same
+generator and levels from a derived seed, no question of the train or held-out split repeated. One in-process vLLM
+engine (float32) starts on the first policy; each later one is swapped in through the loop's own swap path (the
+worker extension's `mpo_reload_from_path`, then the prefix cache reset). Policies with the same weights (a forked
+run's v0 is its source's) are scored once: results are cached by the weights' digest in
 `<first run's parent>/heldout_reeval_cache.json`, so an interrupted re-evaluation resumes.
 
 Each run gets `heldout_reeval.json`: per policy version, accuracy on all problems, on the original 100 (next to the
@@ -208,8 +209,8 @@ def main(argv=None) -> None:
 
         begin, end = markers(a.block)
         doc = a.into.read_text()
-        if begin not in doc or end not in doc:
-            raise SystemExit(f"{a.into}: no {begin} ... {end} markers")
+        if doc.count(begin) != 1 or doc.count(end) != 1:
+            raise SystemExit(f"{a.into}: needs one {begin} line and one {end} line")
         head, rest = doc.split(begin, 1)
         a.into.write_text(head + begin + "\n" + text + end + rest.split(end, 1)[1])
     else:
