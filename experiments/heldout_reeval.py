@@ -155,7 +155,7 @@ def reevaluate(runs: list[Path], n_extra: int) -> None:
 def table(runs: list[Path], command: str = "") -> str:
     """Over-seeds table of the re-evaluated accuracies, grouped as results.py groups runs; minutes per round are the
     loop's own (from summary.json), format failures the re-evaluation's."""
-    from mpo_online.run.results import _group_labels, _groups, _mean_se, run_row
+    from mpo_online.run.results import group_cells, run_row
 
     rows = []
     for run in runs:
@@ -175,16 +175,10 @@ def table(runs: list[Path], command: str = "") -> str:
            "| objective | runs (seed) | CoT acc by round (0 = start) | gain | gain per seed | format fail (last) | "
            "minutes per round (mean) | vs recorded |",
            "|---|---|---|---:|---|---:|---|---:|"]
-    groups = _groups(rows)
-    for (xs, k), label in zip(groups, _group_labels(groups)):
-        cot = " → ".join(_mean_se([x["cot_values"][i] for x in xs]) for i in range(k))
-        gains = [x["cot_values"][k - 1] - x["cot_values"][0] for x in xs]
-        gain = _mean_se(gains)
-        minutes = ", ".join(f"{sum(x['minutes_values'][i] for x in xs) / len(xs):.1f}" for i in range(k - 1))
-        out.append(f"| {label} | {', '.join(x['run'] + ' (' + str(x['seed']) + ')' for x in xs)} | {cot} | "
-                   f"{gain if gain.startswith('-') else '+' + gain} | {', '.join(f'{100 * g:+.1f}' for g in gains)} | "
-                   f"{_mean_se([x['format_values'][k - 1] for x in xs])} | {minutes or '-'} | "
-                   f"{100 * max(x['orig_diff'] for x in xs):.0f} pts |")
+    for c in group_cells(rows):
+        out.append(f"| {c['objective']} | {c['seeds']} | {c['cot']} | {c['gain']} | "
+                   f"{', '.join(f'{100 * g:+.1f}' for g in c['gains'])} | {c['fail']} | {c['minutes']} | "
+                   f"{100 * max(x['orig_diff'] for x in c['runs']):.0f} pts |")
     out += ["", f"Rendered by `python experiments/heldout_reeval.py --render-only {command}"
             f"{' '.join(str(r) for r in runs)}`; each run's command: [docs/results.md](docs/results.md). Runs at "
             + ", ".join(dict.fromkeys(f"`{x['commit']}`" for x in rows)) + " on "

@@ -176,6 +176,24 @@ def _group_labels(groups: list[tuple[list[dict], int]]) -> list[str]:
             for label, (xs, _) in zip(labels, groups)]
 
 
+def group_cells(rows: list[dict]) -> list[dict]:
+    """Per group of seeds (see _groups): its runs and the display strings of the over-seeds table, plus `gains`, the
+    per-run gains as fractions, and `runs`, the group's rows."""
+    groups, cells = _groups(rows), []
+    for (xs, k), objective in zip(groups, _group_labels(groups)):
+        gains = [x["cot_values"][k - 1] - x["cot_values"][0] for x in xs]
+        gain = _mean_se(gains)
+        fails = [x["format_values"][k - 1] for x in xs]
+        cells.append({"objective": objective, "model": xs[0]["model"], "runs": xs, "gains": gains,
+                      "seeds": ", ".join(f"{x['run']} ({x['seed']})" for x in xs),
+                      "cot": " → ".join(_mean_se([x["cot_values"][i] for x in xs]) for i in range(k)),
+                      "gain": gain if gain.startswith("-") else "+" + gain,
+                      "fail": "-" if None in fails else _mean_se(fails),
+                      "minutes": ", ".join(f"{sum(x['minutes_values'][i] for x in xs) / len(xs):.1f}"
+                                           for i in range(k - 1)) or "-"})
+    return cells
+
+
 def group_table(rows: list[dict]) -> list[str]:
     """Runs whose configs differ only in seeds, over those seeds: mean ± standard error per round."""
     out = ["", "Over seeds (runs whose configs differ only in `rollout.seed` / `trainer.seed`; mean ± standard error "
@@ -183,17 +201,9 @@ def group_table(rows: list[dict]) -> list[str]:
            "| objective | model | runs (seed) | CoT acc by round (0 = start) | gain | format fail (last) | "
            "minutes per round (mean) |",
            "|---|---|---|---|---:|---:|---|"]
-    groups = _groups(rows)
-    for (xs, n_rounds), objective in zip(groups, _group_labels(groups)):
-        model = xs[0]["model"]
-        cot = " → ".join(_mean_se([x["cot_values"][i] for x in xs]) for i in range(n_rounds))
-        gain = _mean_se([x["cot_values"][n_rounds - 1] - x["cot_values"][0] for x in xs])
-        minutes = ", ".join(f"{sum(x['minutes_values'][i] for x in xs) / len(xs):.1f}" for i in range(n_rounds - 1))
-        seeds = ", ".join(f"{x['run']} ({x['seed']})" for x in xs)
-        fails = [x["format_values"][n_rounds - 1] for x in xs]
-        fail = "-" if None in fails else _mean_se(fails)
-        out.append(f"| {objective} | {model} | {seeds} | {cot} | {gain if gain.startswith('-') else '+' + gain} | "
-                   f"{fail} | {minutes or '-'} |")
+    for c in group_cells(rows):
+        out.append(f"| {c['objective']} | {c['model']} | {c['seeds']} | {c['cot']} | {c['gain']} | {c['fail']} | "
+                   f"{c['minutes']} |")
     return out
 
 
