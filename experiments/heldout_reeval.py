@@ -199,14 +199,9 @@ def main(argv=None) -> None:
         reevaluate(a.runs, a.n_extra)
     text = table(a.runs, f"--into {a.into} " + (f"--block {a.block} " if a.block else "") if a.into else "")
     if a.into:
-        from mpo_online.run.results import markers
+        from mpo_online.run.results import replace_block
 
-        begin, end = markers(a.block)
-        doc = a.into.read_text()
-        if doc.count(begin) != 1 or doc.count(end) != 1:
-            raise SystemExit(f"{a.into}: needs one {begin} line and one {end} line")
-        head, rest = doc.split(begin, 1)
-        a.into.write_text(head + begin + "\n" + text + end + rest.split(end, 1)[1])
+        a.into.write_text(replace_block(a.into.read_text(), a.block, text))
     else:
         print(text)
 

@@ -240,20 +240,25 @@ def render_into(text: str, runs: list[Path], block: str | None = None) -> str:
     """`text` (a README) with what lies between its BEGIN and END markers (those of `block`, see markers) replaced by
     the over-seeds table of `runs`, the command that rendered it, and the commits, dates and machines the runs were
     measured on."""
-    begin, end = markers(block)
-    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
-        raise ValueError(f"needs one {begin} line and one {end} line after it")
     rows = [run_row(Path(r)) for r in runs]
-    lines = [begin, *group_table(rows)[1:], "",
+    lines = [*group_table(rows)[1:], "",
              "Rendered by `python -m mpo_online.run.results --into README.md "
              + (f"--block {block} " if block else "") + " ".join(str(r) for r in runs)
              + "`; each run's command: [docs/results.md](docs/results.md). Commits "
              + ", ".join(dict.fromkeys(f"`{x['commit']}`" for x in rows)) + "; "
              + ", ".join(dict.fromkeys(x["date"] for x in rows)) + "; " + "; ".join(dict.fromkeys(x["machine"]
-                                                                                         for x in rows)) + ".",
-             end]
+                                                                                         for x in rows)) + "."]
+    return replace_block(text, block, "\n".join(lines) + "\n")
+
+
+def replace_block(text: str, block: str | None, body: str) -> str:
+    """`text` with what lies between the marker lines of `block` (see markers) replaced by `body` (ending in a
+    newline); ValueError unless there is one begin line and one end line after it."""
+    begin, end = markers(block)
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"needs one {begin} line and one {end} line after it")
     head, rest = text.split(begin)
-    return head + "\n".join(lines) + rest.split(end, 1)[1]
+    return head + begin + "\n" + body + end + rest.split(end, 1)[1]
 
 
 def main(argv=None) -> None:
