@@ -72,18 +72,13 @@ def table(runs: list[Path], command: str = "") -> str:
 
 
 def main(argv=None) -> None:
+    from mpo_online.run.results import add_into_args, write_or_print
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
-    p.add_argument("--into", type=Path, help="a file whose text between the block's results markers is replaced")
-    p.add_argument("--block", default=None)
+    add_into_args(p)
     a = p.parse_args(argv)
-    text = table(a.runs, f"--into {a.into} " + (f"--block {a.block} " if a.block else "") if a.into else "")
-    if a.into:
-        from mpo_online.run.results import replace_block
-
-        a.into.write_text(replace_block(a.into.read_text(), a.block, text))
-    else:
-        print(text)
+    write_or_print(lambda options: table(a.runs, options), a.into, a.block)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -261,13 +262,28 @@ def replace_block(text: str, block: str | None, body: str) -> str:
     return head + begin + "\n" + body + end + rest.split(end, 1)[1]
 
 
+def add_into_args(p: argparse.ArgumentParser) -> None:
+    """The `--into FILE --block NAME` options of the scripts that render a table between a file's markers."""
+    p.add_argument("--into", type=Path, help="a file whose text between the block's results markers is replaced")
+    p.add_argument("--block", default=None, help="with --into: the named block's markers (<!-- results:NAME:begin "
+                   "-->) instead of the default ones")
+
+
+def write_or_print(table: Callable[[str], str], into: Path | None, block: str | None) -> None:
+    """`table(options)` (options: the `--into`/`--block` part of the command that rendered it, for its caption)
+    written between `into`'s markers of `block`, or printed when `into` is None."""
+    if into is None:
+        print(table(""))
+        return
+    text = table(f"--into {into} " + (f"--block {block} " if block else ""))
+    into.write_text(replace_block(into.read_text(), block, text))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+")
     p.add_argument("--title", default="Results")
-    p.add_argument("--into", help="a file whose text between the results markers is replaced by the over-seeds table")
-    p.add_argument("--block", default=None, help="with --into: the named block's markers (<!-- results:NAME:begin "
-                   "-->) instead of the default ones")
+    add_into_args(p)
     p.add_argument("--plot", help="a PNG of accuracy by round, one line per group of seeds")
     a = p.parse_args(argv)
     runs = [Path(r) for r in a.runs]
