@@ -56,9 +56,9 @@ def table(runs: list[Path], command: str = "") -> str:
         row = run_row(run)
         row["rounds"] = json.loads((run / "summary.json").read_text())["rounds"]
         rows.append(row)
-    out = ["Training calls of rounds 1-3, means over seeds and rounds (a round's second call, the SFT call, on its own "
-           "line): optimizer steps per round, gradient norm before clipping (mean over steps), and the implicit "
-           "rewards β·log(π/π_ref) of chosen and rejected responses:", "",
+    out = ["Training calls of the rounds after the start, means over seeds and rounds (a round's second call, the SFT "
+           "call, on its own line): optimizer steps per round, gradient norm before clipping (mean over steps), and "
+           "the implicit rewards β·log(π/π_ref) of chosen and rejected responses:", "",
            "| objective | runs | call | steps | grad norm | reward chosen | reward rejected | margin |",
            "|---|---:|---|---:|---:|---:|---:|---:|"]
     for c in group_cells(rows):
