@@ -16,7 +16,6 @@ SFT-only control's) over the combined one. Nothing is run; no model is loaded.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 TERMS = ("grad_norm", "reward_chosen", "reward_rejected", "reward_margin", "steps")
@@ -51,11 +50,7 @@ def _cell(stats: dict, term: str, fmt: str) -> str:
 def table(runs: list[Path], command: str = "") -> str:
     from mpo_online.run.results import group_cells, run_row
 
-    rows = []
-    for run in runs:
-        row = run_row(run)
-        row["rounds"] = json.loads((run / "summary.json").read_text())["rounds"]
-        rows.append(row)
+    rows = [run_row(run) for run in runs]
     out = ["Training calls of the rounds after the start, means over seeds and rounds (a round's second call, the SFT "
            "call, on its own line): optimizer steps per round, gradient norm before clipping (mean over steps), and "
            "the implicit rewards β·log(π/π_ref) of chosen and rejected responses:", "",

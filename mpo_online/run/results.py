@@ -133,7 +133,8 @@ def run_row(run: Path) -> dict:
             "minutes": ", ".join(f"{m:.1f}" for m in minutes) or "-",
             "wall": "-" if r["wall_seconds"] is None else f"{r['wall_seconds'] / 60:.1f}",
             "command": " then ".join(commands) or "not recorded", "commit": commit,
-            "date": (s.get("started") or "")[:10] or "not recorded", "machine": "; ".join(machines)}
+            "date": (s.get("started") or "")[:10] or "not recorded", "machine": "; ".join(machines),
+            "rounds": rounds}   # summary.json's round records as they are (experiments/update_stats.py reads them)
 
 
 def render(runs: list[Path], title: str = "Results") -> str:
@@ -290,8 +291,7 @@ def main(argv=None) -> None:
     if a.plot:
         plot(runs, Path(a.plot))
     elif a.into:
-        f = Path(a.into)
-        f.write_text(render_into(f.read_text(), runs, a.block))
+        a.into.write_text(render_into(a.into.read_text(), runs, a.block))
     else:
         sys.stdout.write(render(runs, a.title))
 
